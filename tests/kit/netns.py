@@ -94,9 +94,8 @@ def _run(
     except subprocess.TimeoutExpired as exc:
         raise NetnsError(f"timed out after {timeout}s: {_cmd_text(cmd)}") from exc
     if check and proc.returncode != 0:
-        raise NetnsError(
-            f"exit {proc.returncode}: {_cmd_text(cmd)}: {proc.stderr.strip() or proc.stdout.strip()}"
-        )
+        detail = proc.stderr.strip() or proc.stdout.strip()
+        raise NetnsError(f"exit {proc.returncode}: {_cmd_text(cmd)}: {detail}")
     return proc
 
 
@@ -344,8 +343,15 @@ class Netns:
         self.link_up("sink0")
         self.link_up("sink1")
         self.ip(
-            "neigh", "replace", gateway, "lladdr", "02:00:00:00:00:01", "dev", "sink0",
-            "nud", "permanent",
+            "neigh",
+            "replace",
+            gateway,
+            "lladdr",
+            "02:00:00:00:00:01",
+            "dev",
+            "sink0",
+            "nud",
+            "permanent",
         )
         self.default_route(gateway, "sink0")
 
@@ -554,7 +560,9 @@ class Topology:
         self.sites: dict[str, Site] = {}
         self._next = 1
 
-    def add_site(self, name: str, nat: NatKind | None = None, *, lan_cidr: str | None = None) -> Site:
+    def add_site(
+        self, name: str, nat: NatKind | None = None, *, lan_cidr: str | None = None
+    ) -> Site:
         """Add host ``name``, behind a NAT router ``nat_<name>`` unless ``nat`` is None.
 
         ``lan_cidr`` (e.g. ``192.168.1.0/24``) overrides the LAN; two sites may share one.
@@ -571,8 +579,12 @@ class Topology:
         if nat is None:
             host = self.lab.netns(name)
             self.lab.veth(
-                self.pub, host, a_if=pub_if, b_if="eth0",
-                a_addr=f"{pub_side}/24", b_addr=f"{public}/24",
+                self.pub,
+                host,
+                a_if=pub_if,
+                b_if="eth0",
+                a_addr=f"{pub_side}/24",
+                b_addr=f"{public}/24",
             )
             host.default_route(pub_side)
             site = Site(name=name, host=host, host_ip=public, public_ip=public)
@@ -583,13 +595,21 @@ class Topology:
             router = self.lab.netns(f"nat_{name}")
             host = self.lab.netns(name)
             self.lab.veth(
-                self.pub, router, a_if=pub_if, b_if="wan",
-                a_addr=f"{pub_side}/24", b_addr=f"{public}/24",
+                self.pub,
+                router,
+                a_if=pub_if,
+                b_if="wan",
+                a_addr=f"{pub_side}/24",
+                b_addr=f"{public}/24",
             )
             router.default_route(pub_side)
             self.lab.veth(
-                router, host, a_if="lan", b_if="eth0",
-                a_addr=f"{gw}/{lan.prefixlen}", b_addr=f"{host_ip}/{lan.prefixlen}",
+                router,
+                host,
+                a_if="lan",
+                b_if="eth0",
+                a_addr=f"{gw}/{lan.prefixlen}",
+                b_addr=f"{host_ip}/{lan.prefixlen}",
             )
             host.default_route(gw)
             make_nat_router(router, "wan", nat)

@@ -31,18 +31,19 @@ def _family(host: str) -> int:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
+def _open(netns: _SocketMaker | None, host: str, kind: int) -> socket.socket:
+    if netns is not None:
+        return netns.socket(_family(host), kind)
+    return socket.socket(_family(host), kind)
+
+
 def free_port(
     proto: Proto = "tcp", host: str = "127.0.0.1", *, netns: _SocketMaker | None = None
 ) -> int:
     """A port on ``host`` that is free now and was never handed out before in this process."""
     kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
     for _ in range(_MAX_TRIES):
-        sock = (
-            netns.socket(_family(host), kind)
-            if netns is not None
-            else socket.socket(_family(host), kind)
-        )
-        with sock:
+        with _open(netns, host, kind) as sock:
             sock.bind((host, 0))
             port = int(sock.getsockname()[1])
         with _lock:
@@ -73,10 +74,7 @@ def port_is_free(
     wildcard address that the bind check might miss.
     """
     kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
-    sock = (
-        netns.socket(_family(host), kind) if netns is not None else socket.socket(_family(host), kind)
-    )
-    with sock:
+    with _open(netns, host, kind) as sock:
         if proto == "tcp":
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -92,12 +90,7 @@ def tcp_connect_ok(
     host: str, port: int, *, timeout: float = 1.0, netns: _SocketMaker | None = None
 ) -> bool:
     """True when a TCP connection to ``host:port`` is accepted within ``timeout`` seconds."""
-    sock = (
-        netns.socket(_family(host), socket.SOCK_STREAM)
-        if netns is not None
-        else socket.socket(_family(host), socket.SOCK_STREAM)
-    )
-    with sock:
+    with _open(netns, host, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:
             sock.connect((host, port))

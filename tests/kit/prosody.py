@@ -1,0 +1,481 @@
+"""Debian's Prosody, run without systemd in a temp dir of its own, for integration tests.
+
+Typical use::
+
+    ca = ThrowawayCA.create(tmp / "ca")
+    with Prosody(ca=ca) as xmpp:                 # TLS required, cert for "svpn.test"
+        xmpp.register("alice", "secret")
+        ctx = xmpp.client_context()              # verifying context trusting the kit CA
+        ... connect a client to xmpp.host, xmpp.port with ctx ...
+        assert xmpp.count_auth_failures() == 0
+
+    Prosody(tls=False)                           # plaintext, PLAIN auth allowed, no STARTTLS
+    Prosody(ca=ca, cert=ca.issue_wrong_name())   # negative TLS tests
+    Prosody(ca=ca, netns=ns, host=ns.address)    # inside a namespace
+
+Failed logins: Prosody 0.12 logs nothing for a failed SASL attempt at ``info`` (mod_saslauth
+only fires the ``authentication-failure`` event). The kit loads a tiny plugin of its own,
+``mod_svpn_kit_authlog``, that logs one ``info`` line per failed SASL attempt::
+
+    svpn-kit: authentication failure user=alice ip=127.0.0.1 session=<id>
+        condition=not-authorized text=...      (one line in the file)
+
+:meth:`Prosody.count_auth_failures` counts those lines (per user if asked). Natively, only the
+``debug`` log shows a failure, as
+``Sending[c2s_unauthed]: <failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import re
+import shutil
+import signal
+import ssl
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Literal
+
+from tests.kit.ca import CertFiles, ThrowawayCA
+from tests.kit.netns import Netns
+from tests.kit.ports import free_port, port_is_free, tcp_connect_ok
+
+DEFAULT_DOMAIN = "svpn.test"
+AUTH_FAILURE_MARK = "svpn-kit: authentication failure"
+WORKDIR_PREFIX = "svpn-prosody-"
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 5.0
+CTL_TIMEOUT = 15.0
+LogLevel = Literal["debug", "info", "warn", "error"]
+
+_PLUGIN_NAME = "svpn_kit_authlog"
+_PLUGIN_SOURCE = f"""-- Written by tests/kit/prosody.py: log each failed SASL authentication.
+-- Fired by mod_saslauth before it resets the SASL handler, so the handler still knows the
+-- user name the client tried (PLAIN and SCRAM set it before checking the password).
+module:hook("authentication-failure", function(event)
+    local session = event.session or {{}};
+    local handler = session.sasl_handler;
+    module:log("info", "{AUTH_FAILURE_MARK} user=%s ip=%s session=%s condition=%s text=%s",
+        tostring(handler and handler.username), tostring(session.ip), tostring(session.id),
+        tostring(event.condition), tostring(event.text));
+end);
+"""
+_AUTH_FAILURE_RX = re.compile(
+    re.escape(AUTH_FAILURE_MARK)
+    + r" user=(?P<user>\S+) ip=(?P<ip>\S+) session=(?P<session>\S+) condition=(?P<condition>\S+)"
+)
+_user_seq = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class AuthFailure:
+    """One failed SASL attempt as logged by the kit plugin (user is "nil" if unknown)."""
+
+    user: str
+    ip: str
+    session: str
+    condition: str
+
+
+class ProsodyError(RuntimeError):
+    """Prosody did not start, stop or run a command; the message carries the log tail."""
+
+
+def unique_user(prefix: str = "u") -> str:
+    """An account name no other call in any run returns (lower case, valid XMPP localpart)."""
+    clean = re.sub(r"[^a-z0-9_-]", "", prefix.lower()) or "u"
+    return f"{clean}-{os.getpid()}-{next(_user_seq)}-{uuid.uuid4().hex[:6]}"
+
+
+def _lua_str(value: str | Path) -> str:
+    text = str(value)
+    if any(c in text for c in '"\\\n'):
+        raise ValueError(f"unsafe value for a Lua string: {text!r}")
+    return f'"{text}"'
+
+
+def _proc_cmdlines() -> list[tuple[int, str]]:
+    out: list[tuple[int, str]] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        out.append((int(entry.name), raw.replace(b"\0", b" ").decode(errors="replace")))
+    return out
+
+
+def _kill_matching(match: Callable[[str], bool], grace: float = STOP_TIMEOUT) -> list[int]:
+    me = os.getpid()
+    pids = [pid for pid, cmd in _proc_cmdlines() if pid != me and match(cmd)]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+        time.sleep(0.05)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return pids
+
+
+def cleanup_stale_prosody() -> list[int]:
+    """Kill kit Prosody processes whose creating test process is gone; returns their pids.
+
+    Kit work dirs are named ``svpn-prosody-<creator pid>-...``; a Prosody whose config lives in
+    one whose creator is dead was left by a crashed run. Running runs are not touched.
+    """
+    pattern = re.compile(re.escape(WORKDIR_PREFIX) + r"(\d+)-")
+
+    def stale(cmd: str) -> bool:
+        if "prosody" not in cmd:
+            return False
+        found = pattern.search(cmd)
+        return bool(found) and not Path(f"/proc/{found.group(1)}").exists()
+
+    return _kill_matching(stale)
+
+
+class Prosody:
+    """One Prosody server with its own config, data, log and pid file in ``workdir``.
+
+    ``tls=True`` (default) requires STARTTLS with ``cert`` (default: issued by ``ca`` for
+    ``domain``); ``tls=False`` is plaintext with PLAIN auth allowed and no STARTTLS offered.
+    ``stop()`` keeps the data, so ``start()`` again gives the same accounts on the same port.
+    """
+
+    def __init__(
+        self,
+        workdir: Path | str | None = None,
+        *,
+        domain: str = DEFAULT_DOMAIN,
+        host: str | None = None,
+        port: int | None = None,
+        tls: bool = True,
+        ca: ThrowawayCA | None = None,
+        cert: CertFiles | None = None,
+        netns: Netns | str | None = None,
+        log_level: LogLevel = "debug",
+        extra_config: str = "",
+        start_timeout: float = START_TIMEOUT,
+    ) -> None:
+        self.netns: Netns | None = Netns(netns, netns) if isinstance(netns, str) else netns
+        if self.netns is not None and host is None:
+            host = self.netns.address
+        self.host = host or "127.0.0.1"
+        self.domain = domain
+        self.tls = tls
+        self.log_level = log_level
+        self.extra_config = extra_config
+        self.start_timeout = start_timeout
+        self._owns_workdir = workdir is None
+        self.workdir = Path(
+            workdir
+            if workdir is not None
+            else tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-")
+        )
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.workdir, 0o700)
+        if port is None:
+            port = free_port("tcp", self.host, netns=self.netns)
+        self.port = port
+        self.config_path = self.workdir / "prosody.cfg.lua"
+        self.log_path = self.workdir / "prosody.log"
+        self.console_path = self.workdir / "console.log"
+        self.pid_path = self.workdir / "prosody.pid"
+        self.data_path = self.workdir / "data"
+        self.plugin_dir = self.workdir / "plugins"
+        self.cert_dir = self.workdir / "certs"
+        self._ca = ca
+        self.cert: CertFiles | None = None
+        if tls:
+            if cert is None:
+                if ca is None:
+                    ca = self._ca = ThrowawayCA.create(self.workdir / "ca")
+                cert = ca.issue_server([domain], directory=self.cert_dir)
+            self.cert = cert
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._console: IO[Any] | None = None
+        self._log_offset = 0
+        self._write_files()
+
+    # --- files -----------------------------------------------------------------------------
+
+    def _write_files(self) -> None:
+        for d in (self.data_path, self.plugin_dir, self.cert_dir):
+            d.mkdir(parents=True, exist_ok=True)
+            os.chmod(d, 0o700)
+        (self.plugin_dir / f"mod_{_PLUGIN_NAME}.lua").write_text(_PLUGIN_SOURCE)
+        self.config_path.write_text(self.render_config())
+
+    def render_config(self) -> str:
+        """The config file text (written at construction)."""
+        modules = ["roster", "saslauth", "disco", "ping", "posix", _PLUGIN_NAME]
+        lines = [
+            "-- Written by tests/kit/prosody.py; Prosody for tests only.",
+            "run_as_root = true",
+            f"pidfile = {_lua_str(self.pid_path)}",
+            f"data_path = {_lua_str(self.data_path)}",
+            f"plugin_paths = {{ {_lua_str(self.plugin_dir)} }}",
+            f"admin_socket = {_lua_str(self.workdir / 'admin.sock')}",
+            f"log = {{ {self.log_level} = {_lua_str(self.log_path)} }}",
+            f"certificates = {_lua_str(self.cert_dir)}",
+            'authentication = "internal_hashed"',
+            'storage = "internal"',
+            "allow_registration = false",
+            f"c2s_ports = {{ {self.port} }}",
+            f"c2s_interfaces = {{ {_lua_str(self.host)} }}",
+            "c2s_direct_tls_ports = {}",
+            "legacy_ssl_ports = {}",
+            "s2s_ports = {}",
+            "http_ports = {}",
+            "https_ports = {}",
+            "component_ports = {}",
+            "s2s_require_encryption = false",
+        ]
+        if self.tls:
+            assert self.cert is not None
+            modules.insert(2, "tls")
+            ssl_block = (
+                f"{{ certificate = {_lua_str(self.cert.cert)}, key = {_lua_str(self.cert.key)} }}"
+            )
+            lines += [
+                "c2s_require_encryption = true",
+                "allow_unencrypted_plain_auth = false",
+                f"ssl = {ssl_block}",
+            ]
+        else:
+            lines += [
+                "c2s_require_encryption = false",
+                "allow_unencrypted_plain_auth = true",
+            ]
+        lines.insert(1, "modules_enabled = { " + ", ".join(_lua_str(m) for m in modules) + " }")
+        if self.extra_config:
+            lines.append(self.extra_config)
+        lines.append(f"VirtualHost {_lua_str(self.domain)}")
+        if self.tls:
+            lines.append(f"    ssl = {ssl_block}")
+        return "\n".join(lines) + "\n"
+
+    # --- properties ------------------------------------------------------------------------
+
+    @property
+    def ca_file(self) -> Path | None:
+        """The CA certificate clients should trust (None in plaintext mode)."""
+        if self._ca is not None:
+            return self._ca.ca_file
+        return self.cert.ca_file if self.cert is not None else None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
+    def running(self) -> bool:
+        return self.pid is not None
+
+    def jid(self, user: str) -> str:
+        return f"{user}@{self.domain}"
+
+    def client_context(self) -> ssl.SSLContext:
+        """A verifying client context that trusts only :attr:`ca_file`."""
+        if self.ca_file is None:
+            raise ProsodyError("plaintext Prosody has no CA")
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_verify_locations(cafile=str(self.ca_file))
+        return ctx
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start Prosody and wait until its c2s port accepts connections (bounded)."""
+        if self.running():
+            return
+        if not port_is_free(self.port, "tcp", self.host, netns=self.netns):
+            raise ProsodyError(f"port {self.host}:{self.port} is busy; not starting Prosody")
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        prefix = self.netns.exec_prefix if self.netns is not None else []
+        prosody = shutil.which("prosody") or "/usr/bin/prosody"
+        self._console = open(self.console_path, "ab")  # noqa: SIM115 (closed in stop())
+        try:
+            self._proc = subprocess.Popen(
+                [*prefix, prosody, "-F", "--config", str(self.config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=self._console,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                start_new_session=True,
+            )
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self) -> None:
+        assert self._proc is not None
+        needle = f"Activated service 'c2s' on [{self.host}]:{self.port}"
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise ProsodyError(
+                    f"Prosody exited with {self._proc.returncode} while starting\n"
+                    + self._diagnostics()
+                )
+            if needle in self.log_text(since_start=True) and tcp_connect_ok(
+                self.host, self.port, timeout=0.5, netns=self.netns
+            ):
+                return
+            time.sleep(0.05)
+        raise ProsodyError(
+            f"Prosody not ready on {self.host}:{self.port} within {self.start_timeout}s\n"
+            + self._diagnostics()
+        )
+
+    def stop(self) -> None:
+        """SIGTERM, wait up to 5 s, then SIGKILL. Idempotent; keeps data for a restart."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(timeout=STOP_TIMEOUT)
+            # anything left in its session (it should have none)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        # belt and braces: any process still running with our config file
+        config = str(self.config_path)
+        _kill_matching(lambda cmd: config in cmd, grace=1.0)
+        if self._console is not None:
+            self._console.close()
+            self._console = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        """Stop and, if the kit made the work dir, remove it."""
+        self.stop()
+        if self._owns_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> Prosody:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # --- accounts --------------------------------------------------------------------------
+
+    def prosodyctl(self, *args: str, timeout: float = CTL_TIMEOUT) -> str:
+        """Run ``prosodyctl --config CFG ARGS...``; returns stdout, raises on failure."""
+        cmd = ["prosodyctl", "--config", str(self.config_path), *args]
+        try:
+            proc = subprocess.run(
+                cmd,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+                stdin=subprocess.DEVNULL,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise ProsodyError(f"timed out after {timeout}s: prosodyctl {' '.join(args)}") from exc
+        if proc.returncode != 0:
+            raise ProsodyError(
+                f"prosodyctl {args[0] if args else ''} failed ({proc.returncode}): "
+                f"{proc.stderr.strip()} {proc.stdout.strip()}"
+            )
+        return proc.stdout
+
+    def register(self, user: str, password: str) -> str:
+        """Create (or reset the password of) ``user``; returns the bare JID. Works up or down."""
+        self.prosodyctl("register", user, self.domain, password)
+        return self.jid(user)
+
+    def unregister(self, user: str) -> None:
+        self.prosodyctl("deluser", self.jid(user))
+
+    # --- logs ------------------------------------------------------------------------------
+
+    def log_text(self, *, since_start: bool = False) -> str:
+        """Prosody's log file (all runs, or only since the last :meth:`start`)."""
+        try:
+            with open(self.log_path, "rb") as f:
+                if since_start:
+                    f.seek(self._log_offset)
+                return f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def auth_failures(self, user: str | None = None) -> list[AuthFailure]:
+        """Failed SASL attempts logged so far (all runs), optionally only for ``user``."""
+        out = []
+        for found in _AUTH_FAILURE_RX.finditer(self.log_text()):
+            failure = AuthFailure(
+                user=found["user"],
+                ip=found["ip"],
+                session=found["session"],
+                condition=found["condition"],
+            )
+            if user is None or failure.user == user:
+                out.append(failure)
+        return out
+
+    def count_auth_failures(self, user: str | None = None) -> int:
+        """Failed SASL *attempts* so far (optionally for ``user``; all runs of this server).
+
+        One failed login can be several attempts: slixmpp tries SCRAM-SHA-1 and then PLAIN on
+        one connection, which logs two failures. Use :meth:`count_failed_sessions` to count
+        connections instead.
+        """
+        return len(self.auth_failures(user))
+
+    def count_failed_sessions(self, user: str | None = None) -> int:
+        """Client connections that had at least one failed SASL attempt."""
+        return len({f.session for f in self.auth_failures(user)})
+
+    def wait_for_log(self, pattern: str, *, timeout: float = 5.0) -> re.Match[str]:
+        """Wait until the log matches regex ``pattern``; raise with the log tail on timeout."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            found = rx.search(self.log_text())
+            if found:
+                return found
+            if time.monotonic() >= deadline:
+                raise ProsodyError(
+                    f"log did not match {pattern!r} in {timeout}s\n{self.log_tail()}"
+                )
+            time.sleep(0.05)
+
+    def _diagnostics(self) -> str:
+        try:
+            console = self.console_path.read_text(errors="replace")[-2000:]
+        except FileNotFoundError:
+            console = ""
+        return f"--- log tail ({self.log_path}) ---\n{self.log_tail()}\n--- console ---\n{console}"
