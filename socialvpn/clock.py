@@ -5,7 +5,9 @@
 
 from __future__ import annotations
 
+import random
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 
@@ -44,3 +46,30 @@ class FakeClock:
 
     def jump_wall(self, seconds: float) -> None:
         self._wall += seconds
+
+
+class Backoff:
+    """Exponential backoff with jitter: ``first``, 2×, 4×... capped at ``cap``.
+
+    Each delay is multiplied by a random factor in ``[1 - jitter, 1 + jitter]`` so that many
+    agents that lost the same server do not come back in lockstep. ``rand`` returns a float in
+    [0, 1); tests pass a fixed one.
+    """
+
+    def __init__(self, first: float, cap: float, jitter: float = 0.2,
+                 rand: Callable[[], float] | None = None) -> None:
+        if first <= 0 or cap < first or not 0 <= jitter < 1:
+            raise ValueError("need 0 < first <= cap and 0 <= jitter < 1")
+        self.first = first
+        self.cap = cap
+        self.jitter = jitter
+        self._rand = rand or random.random
+        self.attempts = 0
+
+    def next_delay(self) -> float:
+        base = min(self.cap, self.first * (2 ** min(self.attempts, 32)))
+        self.attempts += 1
+        return base * (1 - self.jitter + 2 * self.jitter * self._rand())
+
+    def reset(self) -> None:
+        self.attempts = 0

@@ -1,0 +1,350 @@
+"""The ``socialvpn`` command line.
+
+Talks to the running agent only through :mod:`socialvpn.web.client`. Every command takes
+``--config PATH``; every listing command takes ``--json``. Errors go to stderr as one line and
+a non-zero exit: 2 for configuration and usage, 3 for a failed sign-in, 1 for the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import (
+    DEFAULT_STATE_DIR,
+    Config,
+    check_files,
+    default_config_path,
+    load_config,
+    parse_config,
+    parse_endpoint,
+    render_config,
+    validate_device_name,
+    validate_jid,
+)
+from .errors import AgentNotRunning, APIError, ConfigError, SocialVPNError, StateError
+from .state import StateDir, atomic_write
+from .web.client import APIClient
+
+PROG = "socialvpn"
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def _client(cfg: Config) -> APIClient:
+    return APIClient(StateDir(cfg.state_dir).api_socket)
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True))
+
+
+def _table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _ago(ts: float | None, now: float) -> str:
+    if not ts:
+        return "-"
+    s = max(0, int(now - ts))
+    if s < 60:
+        return f"{s}s ago"
+    if s < 3600:
+        return f"{s // 60}m ago"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m ago"
+
+
+# --- commands ------------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    path: Path = args.config
+    if path.exists() and not args.force:
+        raise ConfigError(f"{path}: already exists; use --force to overwrite it")
+    jid = validate_jid(args.jid, "--jid")
+    device_name = validate_device_name(args.device_name or _hostname(), "--device-name")
+    if args.server:
+        parse_endpoint(args.server, 5222, "--server")
+    state_dir = Path(args.state_dir or DEFAULT_STATE_DIR).expanduser().absolute()
+    ca_file = Path(args.ca_file).expanduser().absolute() if args.ca_file else None
+    password_file: Path | None = None
+    if args.password_file:
+        password_file = Path(args.password_file).expanduser().absolute()
+    elif sys.stdin.isatty() and not os.environ.get("SOCIALVPN_PASSWORD"):
+        password = getpass.getpass(f"Password for {jid}: ")
+        if not password or password != getpass.getpass("Again: "):
+            raise ConfigError("--password-file: the passwords were empty or did not match")
+        password_file = path.absolute().parent / "password"
+        path.absolute().parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(password_file, password.encode() + b"\n")
+    text = render_config(jid=jid, password_file=password_file, server=args.server,
+                         ca_file=ca_file, allow_plaintext=args.allow_plaintext,
+                         device_name=device_name, state_dir=state_dir)
+    cfg = parse_config(text, path)  # what we write must load
+    warnings = check_files(cfg) if password_file or os.environ.get("SOCIALVPN_PASSWORD") else []
+    path.absolute().parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, text.encode())
+    keys, created = StateDir(state_dir).load_or_create_keys()
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print(f"wrote {path}")
+    print(f"{'made' if created else 'kept the existing'} device keys in {state_dir}")
+    print(f"device id    {keys.device_id}")
+    print(f"fingerprint  {keys.fingerprint}")
+    if password_file is None:
+        print("password     from $SOCIALVPN_PASSWORD when the agent starts")
+    print(f"next: {PROG} up{'' if path == default_config_path() else f' --config {path}'}")
+    return 0
+
+
+def _hostname() -> str:
+    name = os.uname().nodename.split(".")[0]
+    cleaned = "".join(c if c.isalnum() or c in "-_." else "-" for c in name)[:32].lstrip("-_.")
+    return cleaned or "device"
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from .daemon import up  # the daemon pulls in slixmpp and aiohttp: only `up` pays for that
+
+    return up(load_config(args.config), args.log_level)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    warnings = check_files(cfg)
+    state = StateDir(cfg.state_dir)
+    if not state.has_keys():
+        raise StateError(f"{cfg.state_dir}: no device keys; run `{PROG} init` first")
+    keys = state.load_keys()
+    if args.json:
+        _print_json({"ok": True, "config": str(cfg.path), "warnings": warnings,
+                     "device_id": keys.device_id})
+    else:
+        for w in warnings:
+            print(f"warning: {w}", file=sys.stderr)
+        print(f"{cfg.path}: ok (account {cfg.account.jid}, device {cfg.device.name} "
+              f"{keys.device_id})")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    st = _client(cfg).get("status")
+    if args.json:
+        _print_json(st)
+        return 0
+    import time
+
+    now = time.time()
+    x = st["xmpp"]
+    line = f"{x['state']} - {x['reason']}"
+    if x.get("next_attempt_in") is not None and x["state"] != "connected":
+        line += f" (next attempt in {x['next_attempt_in']:.0f} s)"
+    if x.get("tls"):
+        line += f" [{x['tls']}]"
+    dev = st["device"]
+    print(f"agent        {st['agent']['state']} (pid {st['agent']['pid']}, "
+          f"up {_ago(st['agent']['started_at'], now).removesuffix(' ago')})")
+    print(f"account      {st['account']}")
+    print(f"xmpp         {line}")
+    print(f"device       {dev['name']} ({dev['id']})")
+    print(f"fingerprint  {dev['fingerprint']}")
+    groups = st.get("groups") or []
+    print(f"groups       {', '.join(g['name'] for g in groups) if groups else 'none'}")
+    dropped = st.get("counters", {}).get("stanzas_dropped")
+    if dropped:
+        print("dropped      " + ", ".join(f"{k} {v}" for k, v in dropped.items()))
+    return 0
+
+
+def cmd_friends(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    friends = _client(cfg).get("friends")
+    if args.json:
+        _print_json(friends)
+        return 0
+    if not friends:
+        print(f"no friends yet: `{PROG} friend add JID` sends a request")
+        return 0
+    rows = []
+    for f in friends:
+        sub = f["subscription"]
+        if f["request_sent"]:
+            sub += " (request sent)"
+        if f["request_received"]:
+            sub += " (asks you)"
+        devices = ", ".join(f"{d['name']} {d['id']}" for d in f["devices"]) or "-"
+        rows.append([f["jid"], sub, "online" if f["online"] else "offline", devices])
+    _table(rows, ["JID", "SUBSCRIPTION", "PRESENCE", "DEVICES"])
+    return 0
+
+
+def cmd_friend(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    result = _client(cfg).post("friends", {"op": args.friend_op, "jid": args.jid})
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"{result['jid']}: {result['result']}")
+    return 0
+
+
+def cmd_requests(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    reqs = _client(cfg).get("requests")
+    if args.json:
+        _print_json(reqs)
+        return 0
+    import time
+
+    now = time.time()
+    rows = [[r["jid"], "friend", "-", _ago(r["received_at"], now)] for r in reqs["friends"]]
+    rows += [[r["jid"], "join", r["group"], _ago(r.get("received_at"), now)]
+             for r in reqs.get("joins", [])]
+    rows += [[r["jid"], "invitation", r["group"], _ago(r.get("received_at"), now)]
+             for r in reqs.get("invitations", [])]
+    if not rows:
+        print("no pending requests")
+        return 0
+    _table(rows, ["FROM", "KIND", "GROUP", "RECEIVED"])
+    return 0
+
+
+def _decide(op: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        cfg = load_config(args.config)
+        body = {"op": op, "jid": args.jid}
+        if args.group:
+            body["group"] = args.group
+        result = _client(cfg).post("requests", body)
+        if args.json:
+            _print_json(result)
+        else:
+            print(f"{result['jid']}: {result['result']}")
+        return 0
+
+    return run
+
+
+# --- parser --------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, default=argparse.SUPPRESS, metavar="PATH",
+                        help="config file (default: $SOCIALVPN_CONFIG or "
+                             "/etc/socialvpn/config.toml)")
+    listing = argparse.ArgumentParser(add_help=False)
+    listing.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="SocialVPN: a private network of your XMPP friends. Sign in with the XMPP "
+                    "account you already have, make friends, and (soon) groups whose devices "
+                    "reach each other by virtual IP address, end-to-end encrypted.",
+        epilog=f"Start with `{PROG} init --jid you@example.org`, then `{PROG} up`. "
+               f"`{PROG} COMMAND --help` explains each command.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--config", type=Path, default=None, metavar="PATH",
+                        help="config file (default: $SOCIALVPN_CONFIG or "
+                             "/etc/socialvpn/config.toml)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("init", parents=[common], help="write the config and make device keys",
+                       description="Write the config file (mode 0600) and make this device's "
+                                   "keys in the state directory. The password is read from "
+                                   "--password-file, $SOCIALVPN_PASSWORD or a prompt; "
+                                   "never from the command line.")
+    p.add_argument("--jid", required=True, help="your XMPP account, e.g. alice@example.org")
+    p.add_argument("--password-file", metavar="F", help="file holding the account password")
+    p.add_argument("--server", metavar="HOST[:PORT]",
+                   help="XMPP server to connect to (default: the JID's domain)")
+    p.add_argument("--ca-file", metavar="F", help="extra CA certificate (PEM) to trust")
+    p.add_argument("--allow-plaintext", action="store_true",
+                   help="allow an unencrypted connection (only to a test server on loopback)")
+    p.add_argument("--device-name", metavar="N", help="name of this device (default: hostname)")
+    p.add_argument("--state-dir", metavar="D",
+                   help="where keys and state live (default: /var/lib/socialvpn)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing config file "
+                   "(the device keys are kept)")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("up", parents=[common], help="run the agent in the foreground",
+                       description="Run the agent until SIGTERM or SIGINT (systemd runs this). "
+                                   "Exits 3 if the server refuses the password.")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("status", parents=[common, listing], help="agent and connection state")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("friends", parents=[common, listing],
+                       help="your roster: subscription, presence and devices")
+    p.set_defaults(func=cmd_friends)
+
+    p = sub.add_parser("friend", parents=[common], help="send or withdraw a friend request")
+    fsub = p.add_subparsers(dest="friend_op", metavar="add|remove")
+    fsub.required = True
+    for op, text in (("add", "send a friend request (or accept theirs)"),
+                     ("remove", "remove a friend or withdraw a request")):
+        fp = fsub.add_parser(op, parents=[common, listing], help=text, description=text)
+        fp.add_argument("jid", metavar="JID")
+        fp.set_defaults(func=cmd_friend)
+
+    p = sub.add_parser("requests", parents=[common, listing],
+                       help="pending friend requests, join requests and invitations")
+    p.set_defaults(func=cmd_requests)
+
+    for op, text in (("accept", "accept a friend request, a join request or an invitation"),
+                     ("reject", "reject a friend request, a join request or an invitation")):
+        p = sub.add_parser(op, parents=[common, listing], help=text, description=text)
+        p.add_argument("jid", metavar="JID")
+        p.add_argument("--group", metavar="NAME",
+                       help="decide the join request or invitation for this group")
+        p.set_defaults(func=_decide(op))
+
+    p = sub.add_parser("check-config", parents=[common, listing],
+                       help="validate the config file, password and keys")
+    p.set_defaults(func=cmd_check_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None) is None:
+        args.config = default_config_path()
+    if not hasattr(args, "json"):
+        args.json = False
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except (AgentNotRunning, APIError, StateError, SocialVPNError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # never a traceback for a person; the agent's log has details
+        if os.environ.get("SOCIALVPN_DEBUG"):
+            raise
+        print(f"{PROG}: internal error: {type(exc).__name__}: {exc} "
+              "(set SOCIALVPN_DEBUG=1 for a traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
