@@ -449,7 +449,7 @@ class NoiseHandshake:
         return (k1, k2) if self.initiator else (k2, k1)
 
 
-# --- mac1 / mac2 / cookies -------------------------------------------------------------------------
+# --- mac1 / mac2 / cookies ------------------------------------------------------------------------
 
 
 def _mac_offsets(msg: Buffer) -> tuple[int, int]:
@@ -572,12 +572,14 @@ class CookieGenerator:
         reply = packet.unpack_cookie_reply(data)
         if self._last_mac1 is None:
             raise ProtocolError("cookie reply to nothing we sent", "state")
-        cookie = xaead_decrypt(self.cookie_key, reply.nonce, reply.encrypted_cookie, self._last_mac1)
+        cookie = xaead_decrypt(
+            self.cookie_key, reply.nonce, reply.encrypted_cookie, self._last_mac1
+        )
         self._cookie = cookie
         self._cookie_set = now
 
 
-# --- WireGuard handshake ---------------------------------------------------------------------------
+# --- WireGuard handshake --------------------------------------------------------------------------
 
 
 class HandshakeState(enum.Enum):
