@@ -1,0 +1,101 @@
+"""Issue 2 acceptance 2 and 3: wrong password, refused certificates, plaintext, server outage."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.kit.agents import wait_for
+from tests.kit.ca import unknown_ca_server_cert
+
+pytestmark = pytest.mark.integration
+
+
+def test_wrong_password_exits_once_without_hammering(prosody_tls, agent_factory, unique_user):
+    user = unique_user("frank")
+    agent = agent_factory(prosody_tls, user, password="right one", login_password="wrong one")
+    wait_for(lambda: agent.exited() is not None, 20, "the agent to give up",
+             agent.log_tail)
+    assert agent.exited() == 3
+    lines = agent.log_text().splitlines()
+    failures = [line for line in lines if "authentication failed" in line]
+    assert len(failures) == 1, lines
+    assert agent.jid in failures[0]
+    assert "Traceback" not in agent.log_text()
+    # One attempt reached the server; none follow.
+    assert prosody_tls.count_auth_failures(user) == 1
+    time.sleep(2)
+    assert prosody_tls.count_auth_failures(user) == 1
+
+
+@pytest.mark.parametrize("bad", ["wrong-name", "unknown-ca"])
+def test_untrusted_certificate_is_refused(bad, prosody_factory, agent_factory, test_ca,
+                                          tmp_path, unique_user):
+    if bad == "wrong-name":
+        cert = test_ca.issue_wrong_name(directory=tmp_path / "certs")
+    else:
+        cert = unknown_ca_server_cert(tmp_path / "rogue", ["svpn.test"])
+    server = prosody_factory(cert=cert)
+    user = unique_user("gina")
+    agent = agent_factory(server, user, ca_file=test_ca.ca_file)
+    st = wait_for(lambda: (s := agent.status()) and s["xmpp"]["attempts"] >= 1
+                  and "certificate" in s["xmpp"]["reason"] and s, 15,
+                  "the agent to report the refused certificate", agent.log_tail)
+    assert st["xmpp"]["state"] in ("offline", "connecting")
+    reason = st["xmpp"]["reason"]
+    assert ("hostname" in reason.lower()) if bad == "wrong-name" else ("issuer" in reason)
+    assert agent.exited() is None  # keeps running (and retrying with backoff)
+    assert server.count_auth_failures() == 0
+    assert f"Authenticated as {user}@" not in server.log_text()
+    assert "session_start" not in agent.log_text()
+
+
+def test_plaintext_server_refused_unless_allowed(prosody_factory, agent_factory, unique_user):
+    server = prosody_factory(tls=False)
+    user = unique_user("hank")
+    agent = agent_factory(server, user, ca_file=None)
+    st = wait_for(lambda: (s := agent.status()) and "TLS" in s["xmpp"]["reason"] and s, 15,
+                  "the agent to refuse the plaintext server", agent.log_tail)
+    assert st["xmpp"]["state"] in ("offline", "connecting")
+    assert "plaintext" in st["xmpp"]["reason"]
+    assert server.count_auth_failures() == 0
+    assert "Authenticated" not in server.log_text() and "authenticated" not in agent.log_text()
+    agent.stop()
+
+    allowed = agent_factory(server, unique_user("ida"), ca_file=None, allow_plaintext=True)
+    st = allowed.wait_connected()
+    assert st["xmpp"]["tls"] is None
+
+
+def test_server_outage_and_return(prosody_factory, agent_factory, unique_user):
+    server = prosody_factory()
+    alice = agent_factory(server, unique_user("alice"))
+    bob = agent_factory(server, unique_user("bob"))
+    alice.wait_connected()
+    bob.wait_connected()
+    alice.json("friend", "add", bob.jid)
+    wait_for(lambda: bob.json("requests")["friends"], 10, "the request")
+    bob.json("accept", alice.jid)
+    wait_for(lambda: all((f := a.json("friends")) and f[0]["subscription"] == "both"
+                         and f[0]["devices"] for a in (alice, bob)), 10, "friendship")
+
+    server.stop()
+    for agent in (alice, bob):
+        st = wait_for(lambda a=agent: (s := a.status()) and s["xmpp"]["state"] != "connected"
+                      and s, 10, "the agent to notice the outage", agent.log_tail)
+        assert st["xmpp"]["state"] in ("offline", "connecting")
+        assert st["xmpp"]["reason"]
+        # Friends stay listed while the server is away (offline).
+        friends = agent.json("friends")
+        assert friends and friends[0]["subscription"] == "both" and not friends[0]["online"]
+    time.sleep(2)  # an outage of a few seconds: agents back off meanwhile
+    server.start()
+    started = time.monotonic()
+    for agent in (alice, bob):
+        agent.wait_connected(timeout=10 - (time.monotonic() - started))
+    back = time.monotonic() - started
+    assert back < 10
+    wait_for(lambda: all((f := a.json("friends")) and f[0]["subscription"] == "both"
+                         and f[0]["online"] and f[0]["devices"] for a in (alice, bob)), 10,
+             "the friendship and presence after the outage")
