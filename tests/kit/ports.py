@@ -10,6 +10,7 @@ services of the same namespace (pass ``netns`` to :func:`free_port`).
 
 from __future__ import annotations
 
+import errno
 import socket
 import threading
 from typing import Literal, Protocol
@@ -79,8 +80,10 @@ def port_is_free(
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
-        except OSError:
-            return False
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                return False
+            raise  # e.g. EADDRNOTAVAIL: the address is not local, which is not "busy"
     if proto == "tcp":
         return not tcp_connect_ok(host, port, timeout=0.5, netns=netns)
     return True

@@ -38,6 +38,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,6 +130,12 @@ def _kill_matching(match: Callable[[str], bool], grace: float = STOP_TIMEOUT) ->
     return pids
 
 
+def _finalize(config: str, workdir: Path | None) -> None:
+    _kill_matching(lambda cmd: config in cmd, grace=1.0)
+    if workdir is not None:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def stop_all(servers: Iterable[Prosody], *, close: bool = False) -> None:
     """Stop (or close) several servers at once: SIGTERM to all first, then wait for each."""
     servers = list(servers)
@@ -148,7 +155,9 @@ def stop_all(servers: Iterable[Prosody], *, close: bool = False) -> None:
 
 
 def cleanup_stale_prosody() -> list[int]:
-    """Kill kit Prosody processes whose creating test process is gone; returns their pids.
+    """Kill kit Prosody processes whose creating process is gone and remove their work dirs.
+
+    Returns the pids killed.
 
     Kit work dirs are named ``svpn-prosody-<creator pid>-...``; a Prosody whose config lives in
     one whose creator is dead was left by a crashed run. Running runs are not touched.
@@ -161,7 +170,12 @@ def cleanup_stale_prosody() -> list[int]:
         found = pattern.search(cmd)
         return bool(found) and not Path(f"/proc/{found.group(1)}").exists()
 
-    return _kill_matching(stale)
+    killed = _kill_matching(stale)
+    for workdir in Path(tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*"):
+        found = pattern.match(workdir.name)
+        if found and not Path(f"/proc/{found.group(1)}").exists():
+            shutil.rmtree(workdir, ignore_errors=True)
+    return killed
 
 
 class Prosody:
@@ -187,7 +201,11 @@ class Prosody:
         extra_config: str = "",
         start_timeout: float = START_TIMEOUT,
     ) -> None:
-        self.netns: Netns | None = Netns(netns, netns) if isinstance(netns, str) else netns
+        if isinstance(netns, str):
+            if host is None:
+                raise ValueError("Prosody(netns=<name>) needs host=<an address in that namespace>")
+            netns = Netns(netns, netns)
+        self.netns: Netns | None = netns
         if self.netns is not None and host is None:
             host = self.netns.address
         self.host = host or "127.0.0.1"
@@ -196,17 +214,14 @@ class Prosody:
         self.log_level = log_level
         self.extra_config = extra_config
         self.start_timeout = start_timeout
+        # before making any file, so a bad host leaves nothing behind
+        self.port = port if port is not None else free_port("tcp", self.host, netns=self.netns)
         self._owns_workdir = workdir is None
         self.workdir = Path(
             workdir
             if workdir is not None
             else tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-")
         )
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.workdir, 0o700)
-        if port is None:
-            port = free_port("tcp", self.host, netns=self.netns)
-        self.port = port
         self.config_path = self.workdir / "prosody.cfg.lua"
         self.log_path = self.workdir / "prosody.log"
         self.console_path = self.workdir / "console.log"
@@ -215,17 +230,26 @@ class Prosody:
         self.plugin_dir = self.workdir / "plugins"
         self.cert_dir = self.workdir / "certs"
         self._ca = ca
-        self.cert: CertFiles | None = None
-        if tls:
-            if cert is None:
-                if ca is None:
-                    ca = self._ca = ThrowawayCA.create(self.workdir / "ca")
-                cert = ca.issue_server([domain], directory=self.cert_dir)
-            self.cert = cert
+        self.cert: CertFiles | None = cert if tls else None
         self._proc: subprocess.Popen[bytes] | None = None
         self._console: IO[Any] | None = None
         self._log_offset = 0
-        self._write_files()
+        # last resort if the owner forgets close(): at exit (or GC) kill it and drop the dir
+        self._finalizer = weakref.finalize(
+            self, _finalize, str(self.config_path), self.workdir if self._owns_workdir else None
+        )
+        try:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            os.chmod(self.workdir, 0o700)
+            if tls and self.cert is None:
+                if self._ca is None:
+                    self._ca = ThrowawayCA.create(self.workdir / "ca")
+                self.cert = self._ca.issue_server([domain], directory=self.cert_dir)
+            self._write_files()
+        except BaseException:
+            if self._owns_workdir:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+            raise
 
     # --- files -----------------------------------------------------------------------------
 
@@ -323,7 +347,11 @@ class Prosody:
         """Start Prosody and wait until its c2s port accepts connections (bounded)."""
         if self.running():
             return
-        if not port_is_free(self.port, "tcp", self.host, netns=self.netns):
+        try:
+            free = port_is_free(self.port, "tcp", self.host, netns=self.netns)
+        except OSError as exc:
+            raise ProsodyError(f"cannot listen on {self.host}:{self.port}: {exc}") from exc
+        if not free:
             raise ProsodyError(f"port {self.host}:{self.port} is busy; not starting Prosody")
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         prefix = self.netns.exec_prefix if self.netns is not None else []
@@ -401,10 +429,11 @@ class Prosody:
         self.start()
 
     def close(self) -> None:
-        """Stop and, if the kit made the work dir, remove it."""
+        """Stop and, if the kit made the work dir, remove it. Idempotent."""
         self.stop()
         if self._owns_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
+        self._finalizer.detach()
 
     def __enter__(self) -> Prosody:
         self.start()
