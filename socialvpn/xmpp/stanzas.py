@@ -129,8 +129,8 @@ def parse_iq_payload(xml: ET.Element, known: frozenset[str]) -> tuple[str, ET.El
     """Check an IQ payload in our namespace: size, version and a known operation name."""
     if serialized_size(xml) > MAX_IQ_PAYLOAD_BYTES:
         raise ProtocolError("payload too large", "oversize")
+    check_version(xml)  # a message of another version cannot be read any further
     op = _local(xml.tag)
     if op not in known:
         raise ProtocolError(f"unknown operation <{op}/>", "unknown")
-    check_version(xml)
     return op, xml
