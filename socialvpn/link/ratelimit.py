@@ -123,7 +123,7 @@ class InitiationFloodGuard:
 
 
 class LoadMonitor:
-    """"Under load" when ``threshold`` (128) or more handshakes are queued, and for ``after``
+    """ "Under load" when ``threshold`` (128) or more handshakes are queued, and for ``after``
     (1 s) seconds after that last happened (wireguard-go ``IsUnderLoad``)."""
 
     __slots__ = ("_after", "_threshold", "_until")
