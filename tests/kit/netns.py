@@ -1,6 +1,6 @@
 """Network namespaces, veth links, NAT routers and topologies for integration tests.
 
-Everything the kit makes is named under a per-run prefix (``svt<pid%10000>-``) and every
+Everything the kit makes is named under a per-run prefix (``svt<pid>-<lab>-``) and every
 namespace records its owner pid in ``/run/svpn-kit/netns/<name>`` *before* it exists, so
 ``cleanup_stale()`` can remove what a crashed run left behind without touching a run that is
 still going. Interfaces are created directly inside their namespaces (never in the root
@@ -39,8 +39,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal, TypeVar
 
-RUN_PREFIX = f"svt{os.getpid() % 10000}-"
-"""Prefix of every namespace made by this process."""
+RUN_PREFIX = f"svt{os.getpid()}-"
+"""Prefix of every namespace made by this process. The full pid (not pid % 10000) keeps two
+runs that overlap from ever picking the same names; namespace names, unlike interface names,
+are not limited to 15 characters."""
 
 KIT_PREFIX = "svt"
 """Prefix shared by every run of the kit (``cleanup_stale`` only looks at these)."""
@@ -210,6 +212,18 @@ def cleanup_stale() -> list[str]:
         if not _pid_alive(owner):
             delete_netns(name)
             removed.append(name)
+    # owner records whose namespace vanished and whose owner is gone
+    with contextlib.suppress(FileNotFoundError):
+        for record in OWNER_DIR.iterdir():
+            if (NETNS_DIR / record.name).exists():
+                continue
+            try:
+                owner = int(record.read_text().strip())
+            except (OSError, ValueError):
+                owner = 0
+            if not owner or not _pid_alive(owner):
+                with contextlib.suppress(FileNotFoundError):
+                    record.unlink()
     return removed
 
 
@@ -238,6 +252,8 @@ class Netns:
     @classmethod
     def create(cls, name: str, short: str | None = None) -> Netns:
         """Create namespace ``name`` (recording this process as its owner) with ``lo`` up."""
+        if (NETNS_DIR / name).exists():
+            raise NetnsError(f"namespace {name} exists already")
         OWNER_DIR.mkdir(parents=True, exist_ok=True)
         (OWNER_DIR / name).write_text(f"{os.getpid()}\n")
         try:
