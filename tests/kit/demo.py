@@ -1,0 +1,119 @@
+"""`make demo`: a local cluster of SocialVPN agents with a real XMPP server.
+
+Starts Prosody (TLS with a throw-away CA) on loopback, registers alice, bob and carol, starts one
+agent each (`socialvpn up`), makes alice friends with bob and carol through the CLI exactly as a
+person would, and prints what to look at. Everything is removed on exit (also on Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tests.kit.agents import AgentProc, wait_for
+from tests.kit.ca import ThrowawayCA
+from tests.kit.prosody import Prosody
+
+USERS = ("alice", "bob", "carol")
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def run_demo(hold: float | None, keep: bool) -> int:
+    root = Path(tempfile.mkdtemp(prefix="socialvpn-demo-"))
+    ca = ThrowawayCA.create(root / "ca")
+    server = Prosody(root / "prosody", ca=ca, log_level="info")
+    agents: dict[str, AgentProc] = {}
+    try:
+        say(f"== starting Prosody (TLS, test CA) on 127.0.0.1, domain {server.domain}")
+        server.start()
+        say(f"   listening on {server.host}:{server.port}; log: {server.log_path}")
+        for user in USERS:
+            server.register(user, f"{user}-password")
+            agent = AgentProc(root / user, f"{user}@{server.domain}", f"{user}-password",
+                              server=f"{server.host}:{server.port}", ca_file=ca.ca_file,
+                              device_name=f"{user}-laptop")
+            agent.init()
+            agents[user] = agent
+        t0 = time.monotonic()
+        for agent in agents.values():
+            agent.start()
+        for agent in agents.values():
+            agent.wait_connected(timeout=20)
+        say(f"== {len(agents)} agents signed in over verified TLS in "
+            f"{time.monotonic() - t0:.2f} s")
+
+        alice = agents["alice"]
+        for friend in ("bob", "carol"):
+            other = agents[friend]
+            say(f"== alice: socialvpn friend add {other.jid}")
+            alice.cli("friend", "add", other.jid)
+            wait_for(lambda o=other: o.json("requests")["friends"], 10,
+                     f"{friend} to see the request")
+            say(f"== {friend}: socialvpn requests")
+            say(indent(other.cli("requests").stdout))
+            say(f"== {friend}: socialvpn accept {alice.jid}")
+            other.cli("accept", alice.jid)
+
+        def friends_settled() -> bool:
+            f = alice.json("friends")
+            return len(f) == 2 and all(x["subscription"] == "both" and x["devices"] for x in f)
+
+        wait_for(friends_settled, 15, "alice's friendships to settle")
+        for user in ("alice", "bob"):
+            say(f"== {user}: socialvpn status")
+            say(indent(agents[user].cli("status").stdout))
+        say("== alice: socialvpn friends")
+        say(indent(alice.cli("friends").stdout))
+
+        say("== look at it yourself (while this demo runs):")
+        for user, agent in agents.items():
+            cmd = f"{shlex.quote(sys.executable)} -m socialvpn status --config {agent.config}"
+            say(f"   {user:6} {cmd}")
+        say(f"   logs:  {root}/<user>/agent.log   prosody: {server.log_path}")
+        if hold is None and sys.stdin.isatty():
+            say("== press Enter (or Ctrl-C) to stop the demo and remove everything")
+            try:
+                input()
+            except EOFError:
+                pass
+        elif hold:
+            say(f"== holding for {hold:.0f} s, then removing everything")
+            time.sleep(hold)
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        for agent in agents.values():
+            agent.stop()
+        server.close()
+        if keep:
+            say(f"== stopped all agents and Prosody; files kept in {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+            say("== stopped all agents and Prosody, removed their files (--keep keeps them)")
+
+
+def indent(text: str) -> str:
+    return "\n".join("   " + line for line in text.rstrip().splitlines())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hold", type=float, default=None,
+                        help="seconds to keep the cluster running (default: until Enter on a "
+                             "terminal, none otherwise)")
+    parser.add_argument("--keep", action="store_true", help="keep configs and logs afterwards")
+    args = parser.parse_args()
+    return run_demo(args.hold, args.keep)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
