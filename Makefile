@@ -5,11 +5,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # Debian packages the agent and its test bed use (DESIGN.md §5). --no-upgrade: never upgrade
 # what the system already has (e.g. openssl) as a side effect.
-APT_PACKAGES := prosody lua-sec coturn nftables iproute2 iputils-ping iperf3 wireguard-go \
+APT_PACKAGES := prosody lua-sec lua-unbound coturn nftables iproute2 iputils-ping iperf3 wireguard-go \
 	wireguard-tools openssl procps ca-certificates python3-venv
 PYTEST_ARGS ?=
 
-.PHONY: all deps apt-deps py-deps test unit integration lint demo clean
+.PHONY: all deps apt-deps py-deps test unit integration lint demo bench clean
 
 all: test
 
@@ -51,3 +51,7 @@ demo: deps
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis build *.egg-info
+
+# Measurements (ratios against peers where there are peers; see bench/).
+bench: deps
+	$(PY) -m bench.signin --runs 5 --out bench/results/signin.md
