@@ -114,7 +114,7 @@ class LinkTimers:
     @property
     def max_timer_handshakes(self) -> int:
         """Retransmissions before giving up: ``rekey_attempt_time / rekey_timeout`` (18)."""
-        return int(self.rekey_attempt_time // self.rekey_timeout)
+        return int(self.rekey_attempt_time / self.rekey_timeout + 1e-9)
 
     @property
     def new_handshake_timeout(self) -> float:

@@ -31,6 +31,8 @@ from typing import Protocol
 
 from socialvpn.link.constants import DEFAULT_TIMERS, LinkTimers
 
+_EPSILON = 1e-6
+
 
 class TimerAction(enum.Enum):
     SEND_KEEPALIVE = "send-keepalive"
@@ -137,7 +139,8 @@ class PeerTimers:
         if not is_retry:
             self.handshake_attempts = 0
         last = self.last_sent_handshake
-        return last is None or now - last >= self.timers.rekey_timeout
+        # the tolerance keeps float rounding of "last + timeout" from skipping a retransmit
+        return last is None or now - last >= self.timers.rekey_timeout - _EPSILON
 
     def keep_key_fresh_sending(self, now: float, current: KeypairInfo | None) -> bool:
         """Called when sending on ``current``: True if an initiation should be sent now."""
