@@ -7,6 +7,7 @@ API's questions from what the parts report.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -19,7 +20,7 @@ from .events import Counters, EventBus
 from .keys import DeviceKeys, b64
 from .state import REQUESTS_FILE, StateDir
 from .web.app import APIServer
-from .xmpp.client import ConnectionStatus, XmppClient, XmppListener, XmppState
+from .xmpp.client import ConnectionStatus, XmppClient, XmppListener
 from .xmpp.stanzas import DeviceInfo
 
 log = logging.getLogger("socialvpn.agent")
@@ -43,6 +44,8 @@ class Agent(XmppListener):
         self._requests: dict[str, dict[str, Any]] = self._load_requests()
         self._drop_logged: dict[str, float] = {}
         self.running = False
+        # Set when the agent cannot go on (the server refused the password at start-up).
+        self.fatal: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -86,6 +89,19 @@ class Agent(XmppListener):
     def signed_in(self) -> None:
         self.counters.add("xmpp_sign_ins")
         self._prune_requests()
+
+    def auth_failed(self, reason: str, ever_connected: bool) -> None:
+        self.counters.add("xmpp_auth_failures")
+        if not ever_connected:
+            if not self.fatal.done():
+                self.fatal.set_result(reason)
+            return
+        # Signed in before, so the password changed under us: keep links and the API up,
+        # report it, and wait for a new password (SIGHUP re-reads the file).
+        log.error("%s; fix the password and reload the agent (SIGHUP) to sign in again", reason)
+
+    def reload(self, password: str) -> None:
+        self.xmpp.set_password(password)
 
     def roster_changed(self) -> None:
         self._prune_requests()
@@ -212,12 +228,3 @@ class Agent(XmppListener):
     def events_since(self, seq: int) -> list[dict[str, Any]]:
         return [e.to_json() for e in self.events.recent if e.seq > seq]
 
-    # --- for the daemon --------------------------------------------------------------------
-
-    async def wait_auth_failed(self) -> str:
-        await self.xmpp.auth_failed.wait()
-        return self.xmpp.status.reason
-
-    @property
-    def xmpp_state(self) -> XmppState:
-        return self.xmpp.status.state

@@ -12,6 +12,7 @@ import sys
 
 from .agent import Agent
 from .config import Config, read_password
+from .errors import ConfigError
 from .state import StateDir
 
 log = logging.getLogger("socialvpn")
@@ -53,24 +54,33 @@ async def run_agent(cfg: Config, password: str, state: StateDir) -> int:
     agent = Agent(cfg, password, state, keys)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+
+    def reload() -> None:
+        sd_notify("RELOADING=1")
+        try:
+            agent.reload(read_password(cfg))
+            log.info("reloaded: password re-read")
+        except ConfigError as exc:
+            log.error("reload failed: %s", exc)
+        sd_notify("READY=1")
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload)
     await agent.start()
     sd_notify("READY=1\nSTATUS=running")
     stopped = asyncio.ensure_future(stop.wait())
-    auth = asyncio.ensure_future(agent.wait_auth_failed())
     code = EXIT_OK
     try:
-        await asyncio.wait({stopped, auth}, return_when=asyncio.FIRST_COMPLETED)
-        if auth.done() and not stopped.done():
-            print(f"socialvpn: {auth.result()}", file=sys.stderr, flush=True)
+        await asyncio.wait({stopped, agent.fatal}, return_when=asyncio.FIRST_COMPLETED)
+        if agent.fatal.done() and not stopped.done():
+            print(f"socialvpn: {agent.fatal.result()}", file=sys.stderr, flush=True)
             code = EXIT_AUTH
     finally:
         sd_notify("STOPPING=1")
         stopped.cancel()
-        auth.cancel()
         await agent.stop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
     log.info("agent stopped")
     return code

@@ -116,6 +116,8 @@ class XmppListener:
 
     def signed_in(self) -> None: ...
 
+    def auth_failed(self, reason: str, ever_connected: bool) -> None: ...
+
 
 class _OurNamespace(MatcherBase):
     """Matches any stanza with a child element in ``urn:xmpp:socialvpn:0``."""
@@ -165,7 +167,6 @@ class XmppClient:
         self._resources: dict[str, dict[str, ContactResource]] = {}
         self._backoff = Backoff(cfg.xmpp.reconnect_min, cfg.xmpp.reconnect_max)
         self._ssl = build_ssl_context(cfg)
-        self.auth_failed = asyncio.Event()
         stanzas.register_stanzas()
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -186,6 +187,13 @@ class XmppClient:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
         self._set_state(XmppState.STOPPED, "agent stopped")
+
+    def set_password(self, password: str) -> None:
+        """A new password (SIGHUP re-read the file): try again now if sign-in had failed."""
+        changed = password != self._password
+        self._password = password
+        if changed and self.status.state == XmppState.AUTH_FAILED:
+            self.reconnect_now()
 
     def reconnect_now(self) -> None:
         """Skip the remaining backoff delay (e.g. the network came back)."""
@@ -219,9 +227,12 @@ class XmppClient:
             self._resources.clear()
             self.listener.presence_changed("")
             if outcome == Outcome.AUTH:
+                # Retrying cannot help and would hammer the server: wait for a new password.
                 self._set_state(XmppState.AUTH_FAILED, reason)
-                self.auth_failed.set()
-                return
+                self.listener.auth_failed(reason, self.status.ever_connected)
+                self._wake.clear()
+                await self._wake.wait()
+                continue
             if time.monotonic() - started > STABLE_SESSION:
                 self._backoff.reset()
             delay = self._backoff.next_delay()

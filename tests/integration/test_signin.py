@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
 import time
 
 import pytest
@@ -99,3 +102,61 @@ def test_server_outage_and_return(prosody_factory, agent_factory, unique_user):
     wait_for(lambda: all((f := a.json("friends")) and f[0]["subscription"] == "both"
                          and f[0]["online"] and f[0]["devices"] for a in (alice, bob)), 10,
              "the friendship and presence after the outage")
+
+
+def test_password_changed_while_running(prosody_factory, agent_factory, unique_user):
+    """After a good sign-in, a refused password keeps the agent (and later its links) up,
+    reports auth-failed once, does not retry, and SIGHUP with a fixed file signs in again."""
+    server = prosody_factory()
+    user = unique_user("jane")
+    agent = agent_factory(server, user, password="old-pw")
+    agent.wait_connected()
+    server.register(user, "new-pw")  # the person changed it elsewhere
+    server.restart()  # the session ends; the agent reconnects with the old password
+    st = wait_for(lambda: (s := agent.status()) and s["xmpp"]["state"] == "auth-failed" and s,
+                  15, "auth-failed", agent.log_tail)
+    assert agent.jid in st["xmpp"]["reason"]
+    assert agent.exited() is None
+    failures = server.count_auth_failures(user)
+    time.sleep(2)
+    assert server.count_auth_failures(user) == failures == 1
+    assert agent.status()["xmpp"]["state"] == "auth-failed"
+
+    agent.password_file.write_text("new-pw\n")
+    agent.send_signal(signal.SIGHUP)
+    agent.wait_connected(timeout=10)
+    assert agent.log_text().count("authentication failed") == 1
+
+
+def test_sd_notify_ready_and_stopping(prosody_tls, agent_factory, unique_user, tmp_path):
+    sock_path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(sock_path))
+        sock.settimeout(15)
+        agent = agent_factory(prosody_tls, unique_user("kim"), start=False)
+        agent.start(env={"NOTIFY_SOCKET": str(sock_path)})
+        assert b"READY=1" in sock.recv(4096)
+        agent.wait_connected()
+        assert agent.stop() == 0
+        assert b"STOPPING=1" in sock.recv(4096)
+
+
+def test_keepalive_notices_a_frozen_server(prosody_factory, agent_factory, unique_user):
+    """A server that stops answering (SIGSTOP) is noticed by XMPP ping, not by TCP."""
+    server = prosody_factory()
+    agent = agent_factory(server, unique_user("lou"),
+                          extra_config="", start=False)
+    text = agent.config.read_text().replace(
+        "[xmpp]\n", "[xmpp]\nkeepalive_interval = 1.0\nkeepalive_timeout = 1.0\n"
+                    "connect_timeout = 3.0\n", 1)
+    agent.config.write_text(text)
+    agent.start()
+    agent.wait_connected()
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        st = wait_for(lambda: (s := agent.status()) and s["xmpp"]["state"] != "connected" and s,
+                      15, "the agent to notice the frozen server", agent.log_tail)
+        assert st["xmpp"]["state"] == "connecting"
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+    agent.wait_connected(timeout=15)

@@ -108,7 +108,7 @@ class AgentProc:
         st = self.status()
         return st["xmpp"]["state"] if st else None
 
-    def start(self, *extra: str) -> None:
+    def start(self, *extra: str, env: dict[str, str] | None = None) -> None:
         assert self.proc is None or self.proc.poll() is not None, "already running"
         log = self.log_path.open("ab")
         try:
@@ -118,6 +118,7 @@ class AgentProc:
                 stderr=log,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                env={**os.environ, **(env or {})},
             )
         finally:
             log.close()
@@ -129,6 +130,10 @@ class AgentProc:
             f"{self.jid} to sign in",
             self.log_tail,
         )
+
+    def send_signal(self, sig: int) -> None:
+        assert self.proc is not None and self.proc.poll() is None, "not running"
+        self.proc.send_signal(sig)
 
     def exited(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
