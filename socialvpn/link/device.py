@@ -1,0 +1,575 @@
+"""The WireGuard device: peers, the index table, and the packet path threads.
+
+This is the adapter that feeds the pure cores (``noise``, ``session``, ``timers``,
+``ratelimit``) from real I/O, in the shape of wireguard-go's ``device/``:
+
+* the **TUN thread** reads inner packets, finds the peer by destination (cryptokey routing),
+  seals and sends them;
+* the **UDP thread** receives datagrams: transport messages are opened, checked against the
+  replay window and the peer's allowed source addresses, and written to the TUN device;
+  handshake messages go to a bounded queue; STUN goes to ``on_stun`` (ICE);
+* the **handshake thread** verifies mac1, demands mac2 with a cookie reply and rate-limits per
+  source when under load, and runs the Noise handshake;
+* the **timer thread** fires each peer's WireGuard timers (keepalive, retransmit, rekey, zero).
+
+Blocking, one packet per call, no asyncio on the packet path. Locks: ``_hs_lock`` serialises
+handshake state (rare), each peer's ``lock`` its sessions, timers and counters (one uncontended
+acquire per packet). A nonce is never reused: sealing happens under the peer lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from ..errors import ProtocolError
+from .constants import (
+    DEFAULT_TIMERS,
+    MESSAGE_COOKIE_REPLY_SIZE,
+    MESSAGE_INITIATION_SIZE,
+    MESSAGE_RESPONSE_SIZE,
+    MESSAGE_TRANSPORT_SIZE,
+    QUEUE_HANDSHAKE_SIZE,
+    LinkTimers,
+)
+from .noise import PeerHandshake, StaticIdentity, source_bytes
+from .packet import DatagramKind, classify
+from .ratelimit import LoadMonitor, Ratelimiter, source_key
+from .session import Keypairs, Session, inner_length
+from .timers import PeerTimers, TimerAction
+from .transport import DatagramIO, SockAddr, display, host_of
+
+log = logging.getLogger("socialvpn.link")
+
+MAX_STAGED_PACKETS = 128  # packets held per peer while a handshake is under way (wireguard-go)
+TIMER_TICK = 0.05  # the timer thread's resolution, seconds
+RECEIVE_BUFFER = 65536
+DEFAULT_MTU = 1380
+
+
+class PacketIO(Protocol):
+    """The TUN device as the packet path sees it (net/tun.py and net/fake.py provide it)."""
+
+    def read(self, size: int = 65536) -> bytes: ...
+
+    def write(self, packet: bytes | bytearray | memoryview) -> int: ...
+
+    def close(self) -> None: ...
+
+
+P = TypeVar("P")
+
+
+class RouteTable(Protocol, Generic[P]):
+    """Cryptokey routing (net/packet_router.py): destination → peer; allowed inner sources."""
+
+    def peer_for_destination(self, packet: bytes | bytearray | memoryview) -> P | None: ...
+
+    def source_allowed(self, peer: P, packet: bytes | bytearray | memoryview) -> bool: ...
+
+    def set_allowed(self, peer: P, prefixes: Iterable[str]) -> None: ...
+
+    def remove(self, peer: P) -> None: ...
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    public_key: bytes
+    allowed_ips: tuple[str, ...] = ()
+    endpoint: tuple[str, int] | None = None
+    persistent_keepalive: float = 0.0
+    psk: bytes | None = None
+
+
+class Peer:
+    """One remote device. Fields below ``lock`` change only while holding it."""
+
+    def __init__(self, device: Device, cfg: PeerConfig) -> None:
+        self.public_key = cfg.public_key
+        self.lock = threading.Lock()
+        self.handshake = PeerHandshake(device.identity, cfg.public_key, psk=cfg.psk)
+        self.keypairs = Keypairs()
+        self.timers = PeerTimers(device.timers, persistent_keepalive=cfg.persistent_keepalive)
+        self.endpoint: SockAddr | None = None
+        self.staged: deque[bytes] = deque(maxlen=MAX_STAGED_PACKETS)
+        self.pending_index = 0  # our index of an initiation in flight
+        self.rx_bytes = 0
+        self.tx_bytes = 0
+        self.rx_packets = 0
+        self.tx_packets = 0
+        self.handshakes = 0
+        self.last_handshake_wall: float | None = None
+        self.endpoint_changes = 0
+        self.removed = False
+
+    def __repr__(self) -> str:
+        return f"<Peer {self.public_key.hex()[:8]} endpoint={display(self.endpoint)}>"
+
+
+class Device:
+    def __init__(
+        self,
+        private_key: bytes,
+        tun: PacketIO,
+        transport: DatagramIO,
+        routes: RouteTable[Peer],
+        *,
+        timers: LinkTimers = DEFAULT_TIMERS,
+        mtu: int = DEFAULT_MTU,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        on_stun: Callable[[bytes, SockAddr], None] | None = None,
+    ) -> None:
+        self.identity = StaticIdentity(
+            X25519PrivateKey.from_private_bytes(private_key), timers=timers
+        )
+        self.public_key = self.identity.public
+        self.tun = tun
+        self.transport = transport
+        self.routes = routes
+        self.timers = timers
+        self.mtu = mtu
+        self._clock = clock
+        self._wall = wall
+        self.on_stun = on_stun
+        self._peers: dict[bytes, Peer] = {}
+        self._index: dict[int, tuple[Peer, Session | None]] = {}
+        self._hs_lock = threading.Lock()
+        self._handshakes: queue.Queue[tuple[bytes, SockAddr] | None] = queue.Queue(
+            QUEUE_HANDSHAKE_SIZE
+        )
+        self._ratelimiter = Ratelimiter()
+        self._load = LoadMonitor()
+        self.drops: dict[str, int] = {}
+        self._running = False
+        self._stopped = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # --- peers -----------------------------------------------------------------------------
+
+    def add_peer(self, cfg: PeerConfig) -> Peer:
+        if cfg.public_key in self._peers:
+            raise ValueError("peer already present")
+        if cfg.public_key == self.public_key:
+            raise ValueError("a device cannot be its own peer")
+        peer = Peer(self, cfg)
+        if cfg.endpoint is not None:
+            peer.endpoint = self.transport.sockaddr(*cfg.endpoint)
+        self.routes.set_allowed(peer, cfg.allowed_ips)
+        self._peers[cfg.public_key] = peer
+        if cfg.persistent_keepalive > 0 and peer.endpoint is not None and self._running:
+            self._send(peer, b"", keepalive=True)
+        return peer
+
+    def remove_peer(self, public_key: bytes) -> None:
+        peer = self._peers.pop(public_key, None)
+        if peer is None:
+            return
+        self.routes.remove(peer)
+        with self._hs_lock, peer.lock:
+            peer.removed = True
+            peer.timers.stop()
+            for session in peer.keypairs.clear():
+                self._index.pop(session.local_index, None)
+            self._index.pop(peer.pending_index, None)
+            peer.handshake.zero()
+            peer.staged.clear()
+
+    def peer(self, public_key: bytes) -> Peer | None:
+        return self._peers.get(public_key)
+
+    def peers(self) -> list[Peer]:
+        return list(self._peers.values())
+
+    def set_endpoint(self, public_key: bytes, host: str, port: int) -> None:
+        peer = self._peers[public_key]
+        with peer.lock:
+            peer.endpoint = self.transport.sockaddr(host, port)
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._running = True
+        for name, target in (
+            ("tun", self._tun_loop),
+            ("udp", self._udp_loop),
+            ("handshake", self._handshake_loop),
+            ("timers", self._timer_loop),
+        ):
+            t = threading.Thread(target=target, name=f"link-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        for peer in self.peers():
+            if peer.timers.persistent_keepalive > 0 and peer.endpoint is not None:
+                self._send(peer, b"", keepalive=True)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if not self._running:
+            return
+        self._running = False
+        self._stopped.set()
+        self._handshakes.put(None)
+        self.transport.wake()
+        self.tun.close()
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        alive = [t.name for t in self._threads if t.is_alive()]
+        if alive:
+            log.warning("link threads still running after stop: %s", ", ".join(alive))
+        self._threads.clear()
+
+    def _drop(self, reason: str) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + 1
+
+    def _new_index(self, peer: Peer) -> int:
+        while True:
+            index = int.from_bytes(os.urandom(4), "little")
+            if index and index not in self._index:
+                self._index[index] = (peer, None)
+                return index
+
+    def _release(self, sessions: Iterable[Session]) -> None:
+        for session in sessions:
+            self._index.pop(session.local_index, None)
+
+    # --- sending ---------------------------------------------------------------------------
+
+    def _tun_loop(self) -> None:
+        read = self.tun.read
+        route = self.routes.peer_for_destination
+        send = self._send
+        while self._running:
+            try:
+                packet = read(RECEIVE_BUFFER)
+            except OSError:
+                if self._running:
+                    log.exception("TUN read failed; the link device stops reading")
+                break
+            if not packet:
+                continue
+            peer = route(packet)
+            if peer is None:
+                self._drop("no-route")
+                continue
+            send(peer, packet)
+
+    def _send(self, peer: Peer, packet: bytes, keepalive: bool = False) -> None:
+        """Seal and send one inner packet (or a keepalive), or stage it and start a handshake."""
+        now = self._clock()
+        message = None
+        initiate = False
+        with peer.lock:
+            if peer.removed:
+                return
+            session = peer.keypairs.sending(now)
+            endpoint = peer.endpoint
+            if session is None or endpoint is None:
+                if not keepalive or not peer.staged:
+                    peer.staged.append(packet)
+                initiate = endpoint is not None
+            else:
+                message = session.seal(packet, now, self.mtu)
+                timers = peer.timers
+                timers.on_any_authenticated_packet_traversed(now)
+                timers.on_any_authenticated_packet_sent(now)
+                if packet:
+                    timers.on_data_sent(now)
+                    peer.tx_bytes += len(packet)
+                    peer.tx_packets += 1
+                initiate = timers.keep_key_fresh_sending(now, session)
+        if message is not None:
+            self.transport.sendto(message, endpoint)  # type: ignore[arg-type]
+        if initiate:
+            self._initiate(peer, now)
+
+    def _send_staged(self, peer: Peer) -> None:
+        with peer.lock:
+            staged = list(peer.staged)
+            peer.staged.clear()
+        if not staged:
+            self._send(peer, b"", keepalive=True)
+        for packet in staged:
+            self._send(peer, packet, keepalive=not packet)
+
+    def _initiate(self, peer: Peer, now: float, is_retry: bool = False) -> None:
+        with self._hs_lock, peer.lock:
+            if peer.removed or peer.endpoint is None:
+                return
+            if not peer.timers.want_initiation(now, is_retry=is_retry):
+                return
+            self._index.pop(peer.pending_index, None)
+            index = self._new_index(peer)
+            peer.pending_index = index
+            message = peer.handshake.create_initiation(now, self._wall(), index)
+            timers = peer.timers
+            timers.on_any_authenticated_packet_traversed(now)
+            timers.on_any_authenticated_packet_sent(now)
+            timers.on_handshake_initiated(now)
+            endpoint = peer.endpoint
+        self.transport.sendto(message, endpoint)
+
+    # --- receiving -------------------------------------------------------------------------
+
+    def _udp_loop(self) -> None:
+        buf = bytearray(RECEIVE_BUFFER)
+        view = memoryview(buf)
+        recv = self.transport.recv_into
+        receive_transport = self._receive_transport
+        while self._running:
+            try:
+                n, addr = recv(buf)
+            except OSError:
+                if self._running:
+                    log.exception("UDP receive failed; the link device stops receiving")
+                break
+            if n >= MESSAGE_TRANSPORT_SIZE and buf[0] == 4 and not (buf[1] | buf[2] | buf[3]):
+                receive_transport(view[:n], addr)
+                continue
+            if n == 0:
+                continue  # a wake-up, or an empty datagram
+            data = bytes(view[:n])
+            kind = classify(data)
+            if kind is DatagramKind.WIREGUARD:
+                try:
+                    self._handshakes.put_nowait((data, addr))
+                except queue.Full:
+                    self._drop("handshake-queue-full")
+            elif kind is DatagramKind.STUN and self.on_stun is not None:
+                self.on_stun(data, addr)
+            else:
+                self._drop("malformed")
+
+    def _receive_transport(self, message: memoryview, addr: SockAddr) -> None:
+        receiver = int.from_bytes(message[4:8], "little")
+        entry = self._index.get(receiver)
+        if entry is None or entry[1] is None:
+            self._drop("unknown-index")
+            return
+        peer, session = entry
+        now = self._clock()
+        try:
+            plaintext = session.open(message, now)
+        except ProtocolError as exc:
+            self._drop(exc.reason)
+            return
+        # Authenticated from here on.
+        with peer.lock:
+            confirmed, dropped = peer.keypairs.received_with(session)
+            if dropped:
+                self._release(dropped)
+            timers = peer.timers
+            if confirmed:
+                timers.on_handshake_complete(now)
+                peer.handshakes += 1
+                peer.last_handshake_wall = self._wall()
+            if addr != peer.endpoint:
+                peer.endpoint = addr  # roaming: only an authenticated packet moves it
+                peer.endpoint_changes += 1
+            timers.on_any_authenticated_packet_received(now)
+            timers.on_any_authenticated_packet_traversed(now)
+            if plaintext:
+                timers.on_data_received(now)
+            rekey = timers.keep_key_fresh_receiving(now, peer.keypairs.current)
+        if plaintext:
+            try:
+                length = inner_length(plaintext)
+            except ProtocolError as exc:
+                self._drop(exc.reason)
+                length = 0
+            if length:
+                if self.routes.source_allowed(peer, plaintext):
+                    self.tun.write(
+                        plaintext if length == len(plaintext) else memoryview(plaintext)[:length]
+                    )
+                    peer.rx_bytes += length
+                    peer.rx_packets += 1
+                else:
+                    self._drop("source")
+        if confirmed:
+            self._send_staged(peer)
+        if rekey:
+            self._initiate(peer, now)
+
+    # --- handshakes ------------------------------------------------------------------------
+
+    def _handshake_loop(self) -> None:
+        while True:
+            item = self._handshakes.get()
+            if item is None or not self._running:
+                return
+            data, addr = item
+            try:
+                self._handle_handshake(data, addr)
+            except ProtocolError as exc:
+                self._drop(exc.reason)
+            except Exception:  # a bug must not stop every future handshake
+                log.exception("handshake processing failed")
+                self._drop("internal")
+
+    def _handle_handshake(self, data: bytes, addr: SockAddr) -> None:
+        now = self._clock()
+        kind = data[0]
+        if kind in (1, 2):
+            if not self.identity.cookies.check_mac1(data):
+                self._drop("mac1")
+                return
+            if self._load.under_load(self._handshakes.qsize(), now):
+                host = host_of(addr)
+                source = source_bytes(host, addr[1])
+                if not self.identity.cookies.check_mac2(data, source, now):
+                    sender = int.from_bytes(data[4:8], "little")
+                    reply = self.identity.cookies.create_reply(data, sender, source, now)
+                    self.transport.sendto(reply, addr)
+                    self._drop("cookie-sent")
+                    return
+                if not self._ratelimiter.allow(source_key(host), now):
+                    self._drop("ratelimit")
+                    return
+        if kind == 1 and len(data) == MESSAGE_INITIATION_SIZE:
+            self._on_initiation(data, addr, now)
+        elif kind == 2 and len(data) == MESSAGE_RESPONSE_SIZE:
+            self._on_response(data, addr, now)
+        elif kind == 3 and len(data) == MESSAGE_COOKIE_REPLY_SIZE:
+            self._on_cookie_reply(data, now)
+        else:
+            self._drop("malformed")
+
+    def _on_initiation(self, data: bytes, addr: SockAddr, now: float) -> None:
+        with self._hs_lock:
+            peer = self.identity.consume_initiation(data, self._lookup_handshake, now)
+            owner = self._peer_of_handshake(peer)
+            if owner is None:
+                raise ProtocolError("initiation for a removed peer", "unknown")
+            with owner.lock:
+                self._index.pop(owner.pending_index, None)
+                owner.pending_index = 0
+                index = self._new_index(owner)
+                response = peer.create_response(now, index)
+                session = peer.begin_session(now)
+                self._index[index] = (owner, session)
+                self._release(owner.keypairs.install(session))
+                timers = owner.timers
+                timers.on_any_authenticated_packet_traversed(now)
+                timers.on_any_authenticated_packet_received(now)
+                timers.on_session_derived(now)
+                timers.on_any_authenticated_packet_sent(now)
+                if addr != owner.endpoint:
+                    owner.endpoint = addr
+                    owner.endpoint_changes += 1
+        self.transport.sendto(response, addr)
+
+    def _lookup_handshake(self, public_key: bytes) -> PeerHandshake | None:
+        peer = self._peers.get(public_key)
+        return peer.handshake if peer is not None else None
+
+    def _peer_of_handshake(self, handshake: PeerHandshake) -> Peer | None:
+        peer = self._peers.get(handshake.remote_static)
+        return peer if peer is not None and peer.handshake is handshake else None
+
+    def _on_response(self, data: bytes, addr: SockAddr, now: float) -> None:
+        receiver = int.from_bytes(data[8:12], "little")
+        entry = self._index.get(receiver)
+        if entry is None or entry[1] is not None:
+            self._drop("unknown-index")
+            return
+        peer = entry[0]
+        with self._hs_lock, peer.lock:
+            if peer.removed or peer.pending_index != receiver:
+                self._drop("unknown-index")
+                return
+            peer.handshake.consume_response(data, now)
+            session = peer.handshake.begin_session(now)
+            self._index[receiver] = (peer, session)
+            peer.pending_index = 0
+            self._release(peer.keypairs.install(session))
+            timers = peer.timers
+            timers.on_any_authenticated_packet_traversed(now)
+            timers.on_any_authenticated_packet_received(now)
+            timers.on_handshake_complete(now)
+            timers.on_session_derived(now)
+            peer.handshakes += 1
+            peer.last_handshake_wall = self._wall()
+            if addr != peer.endpoint:
+                peer.endpoint = addr
+                peer.endpoint_changes += 1
+        self._send_staged(peer)
+
+    def _on_cookie_reply(self, data: bytes, now: float) -> None:
+        receiver = int.from_bytes(data[4:8], "little")
+        entry = self._index.get(receiver)
+        if entry is None:
+            self._drop("unknown-index")
+            return
+        peer = entry[0]
+        with self._hs_lock:
+            peer.handshake.consume_cookie_reply(data, now)
+
+    # --- timers ----------------------------------------------------------------------------
+
+    def _timer_loop(self) -> None:
+        while self._running:
+            now = self._clock()
+            for peer in self.peers():
+                with peer.lock:
+                    deadline = peer.timers.next_deadline()
+                    actions = (
+                        peer.timers.handle_timer(now)
+                        if deadline is not None and deadline <= now
+                        else []
+                    )
+                for action in actions:
+                    self._carry_out(peer, action, now)
+            self._stopped.wait(TIMER_TICK)
+
+    def _carry_out(self, peer: Peer, action: TimerAction, now: float) -> None:
+        if action is TimerAction.SEND_KEEPALIVE:
+            self._send(peer, b"", keepalive=True)
+        elif action is TimerAction.SEND_INITIATION:
+            self._initiate(peer, now, is_retry=True)
+        elif action is TimerAction.ZERO_KEYS:
+            with self._hs_lock, peer.lock:
+                self._release(peer.keypairs.clear())
+                self._index.pop(peer.pending_index, None)
+                peer.pending_index = 0
+                peer.handshake.zero()
+        elif action is TimerAction.GIVE_UP:
+            with peer.lock:
+                peer.staged.clear()
+            log.info("handshake with %r gave up", peer)
+
+    # --- what people and tests look at -----------------------------------------------------
+
+    def peer_stats(self, peer: Peer) -> dict[str, Any]:
+        with peer.lock:
+            current = peer.keypairs.current
+            return {
+                "public_key": peer.public_key.hex(),
+                "endpoint": display(peer.endpoint),
+                "rx_bytes": peer.rx_bytes,
+                "tx_bytes": peer.tx_bytes,
+                "rx_packets": peer.rx_packets,
+                "tx_packets": peer.tx_packets,
+                "handshakes": peer.handshakes,
+                "last_handshake": peer.last_handshake_wall,
+                "endpoint_changes": peer.endpoint_changes,
+                "session_age": None if current is None else self._clock() - current.created,
+                "staged": len(peer.staged),
+            }
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "public_key": self.public_key.hex(),
+            "peers": [self.peer_stats(p) for p in self.peers()],
+            "drops": dict(sorted(self.drops.items())),
+            "transport_errors": dict(getattr(self.transport, "errors", {})),
+        }

@@ -1,0 +1,125 @@
+"""UDP I/O for links: one socket per agent, shared by STUN and WireGuard messages.
+
+The packet path uses it from dedicated threads with plain blocking calls (measured here: one
+asyncio callback per packet halves throughput). Addresses are kept in the socket's own form
+(``sockaddr`` tuples) on the hot path; :func:`display` turns one into ``host:port`` for people.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import socket
+from typing import Any, Protocol
+
+SockAddr = tuple[Any, ...]
+
+SOCKET_BUFFER = 8 * 1024 * 1024  # large buffers absorb bursts while a thread is descheduled
+
+
+class DatagramIO(Protocol):
+    """What the link device needs from a datagram socket (a fake twin lives in tests)."""
+
+    def sendto(self, data: bytes | bytearray | memoryview, addr: SockAddr) -> None: ...
+
+    def recv_into(self, buf: bytearray) -> tuple[int, SockAddr]: ...
+
+    def sockaddr(self, host: str, port: int) -> SockAddr: ...
+
+    def wake(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _set_buffer(sock: socket.socket, force: int, normal: int, size: int) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, force, size)  # root may exceed rmem_max/wmem_max
+    except OSError:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, normal, size)
+
+
+class UdpTransport:
+    """A dual-stack UDP socket (IPv6 with IPv4-mapped addresses; IPv4 only if v6 is off)."""
+
+    def __init__(
+        self, port: int = 0, host: str | None = None, buffer_size: int = SOCKET_BUFFER
+    ) -> None:
+        self.errors: dict[str, int] = {}
+        self._closed = False
+        sock: socket.socket | None = None
+        if host is None or ":" in host:
+            try:
+                sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                sock.bind((host or "::", port))
+            except OSError:
+                if sock is not None:
+                    sock.close()
+                sock = None
+                if host is not None:
+                    raise
+        if sock is None:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                sock.bind((host or "0.0.0.0", port))
+            except OSError:
+                sock.close()
+                raise
+        self.sock = sock
+        self.family = sock.family
+        _set_buffer(sock, getattr(socket, "SO_RCVBUFFORCE", 33), socket.SO_RCVBUF, buffer_size)
+        _set_buffer(sock, getattr(socket, "SO_SNDBUFFORCE", 32), socket.SO_SNDBUF, buffer_size)
+        self.port: int = sock.getsockname()[1]
+
+    def sockaddr(self, host: str, port: int) -> SockAddr:
+        """``host:port`` in the form this socket sends to and reports (v4-mapped on v6)."""
+        ip = ipaddress.ip_address(host)
+        if self.family == socket.AF_INET6:
+            if ip.version == 4:
+                return (f"::ffff:{ip}", port, 0, 0)
+            return (str(ip), port, 0, 0)
+        if ip.version == 6:
+            raise ValueError(f"{host}: IPv6 endpoint on an IPv4-only socket")
+        return (str(ip), port)
+
+    def sendto(self, data: bytes | bytearray | memoryview, addr: SockAddr) -> None:
+        try:
+            self.sock.sendto(data, addr)
+        except OSError as exc:
+            # The network may be down or the route gone for a moment: count, never crash the
+            # packet thread. The timers retry handshakes; lost data is TCP's to resend.
+            name = errno.errorcode.get(exc.errno or 0, "OSError")
+            self.errors[name] = self.errors.get(name, 0) + 1
+
+    def recv_into(self, buf: bytearray) -> tuple[int, SockAddr]:
+        return self.sock.recvfrom_into(buf)
+
+    def wake(self) -> None:
+        """Unblock a thread sitting in :meth:`recv_into` (it then sees it should stop)."""
+        loop = "::1" if self.family == socket.AF_INET6 else "127.0.0.1"
+        with contextlib.suppress(OSError), socket.socket(self.family, socket.SOCK_DGRAM) as s:
+            s.sendto(b"", (loop, self.port))
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.sock.close()
+
+
+def display(addr: SockAddr | None) -> str | None:
+    """``('::ffff:10.0.0.2', 51820, 0, 0)`` → ``10.0.0.2:51820``; IPv6 as ``[addr]:port``."""
+    if addr is None:
+        return None
+    host, port = addr[0], addr[1]
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def host_of(addr: SockAddr) -> str:
+    host: str = addr[0]
+    return host[7:] if host.startswith("::ffff:") and "." in host else host
+
+
