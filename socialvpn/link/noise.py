@@ -590,6 +590,40 @@ class HandshakeState(enum.Enum):
     RESPONSE_CONSUMED = "response-consumed"
 
 
+_ANY_STATE: Final = frozenset(HandshakeState)
+
+# The handshake's one transition table: event -> (states it may happen in, state it leads to).
+# Events a peer causes ("consume_*") that arrive in the wrong state are ProtocolError "state";
+# local events in the wrong state are HandshakeStateError (a bug in the caller).
+HANDSHAKE_TRANSITIONS: Final[dict[str, tuple[frozenset[HandshakeState], HandshakeState]]] = {
+    "create_initiation": (_ANY_STATE, HandshakeState.INITIATION_CREATED),
+    "consume_initiation": (_ANY_STATE, HandshakeState.INITIATION_CONSUMED),
+    "create_response": (
+        frozenset({HandshakeState.INITIATION_CONSUMED}),
+        HandshakeState.RESPONSE_CREATED,
+    ),
+    "consume_response": (
+        frozenset({HandshakeState.INITIATION_CREATED}),
+        HandshakeState.RESPONSE_CONSUMED,
+    ),
+    "begin_session": (
+        frozenset({HandshakeState.RESPONSE_CREATED, HandshakeState.RESPONSE_CONSUMED}),
+        HandshakeState.ZEROED,
+    ),
+    "zero": (_ANY_STATE, HandshakeState.ZEROED),
+}
+
+
+def _check_move(state: HandshakeState, event: str) -> HandshakeState:
+    """The state after ``event`` in ``state``; raises if the table forbids the move."""
+    allowed, target = HANDSHAKE_TRANSITIONS[event]
+    if state not in allowed:
+        if event.startswith("consume_"):
+            raise ProtocolError(f"{event} while {state.value}", "state")
+        raise HandshakeStateError(f"{event} while {state.value}")
+    return target
+
+
 class StaticIdentity:
     """Our device's static X25519 key plus what derives from it (mac1 checking, cookie replies)."""
 
@@ -641,7 +675,7 @@ class StaticIdentity:
         peer.last_timestamp = timestamp
         peer._noise = noise
         peer.remote_index = msg.sender
-        peer.state = HandshakeState.INITIATION_CONSUMED
+        peer.state = _check_move(peer.state, "consume_initiation")
         return peer
 
 
@@ -705,10 +739,10 @@ class PeerHandshake:
             )
         )
         self.cookies.add_macs(msg, now)
+        self.state = _check_move(self.state, "create_initiation")
         self._noise = noise
         self.local_index = sender_index
         self.remote_index = 0
-        self.state = HandshakeState.INITIATION_CREATED
         return bytes(msg)
 
     def consume_response(self, data: Buffer, now: float) -> None:
@@ -717,21 +751,21 @@ class PeerHandshake:
         msg = packet.unpack_response(data)
         if not self.identity.cookies.check_mac1(data):
             raise ProtocolError("response mac1 does not verify", "mac1")
+        target = _check_move(self.state, "consume_response")
         noise = self._noise
-        if self.state is not HandshakeState.INITIATION_CREATED or noise is None:
-            raise ProtocolError("response while no initiation is outstanding", "state")
+        assert noise is not None
         if msg.receiver != self.local_index:
             raise ProtocolError("response for another handshake", "state")
         payload = noise.read_message(msg.ephemeral + msg.encrypted_nothing)
         assert payload == b""
         self.remote_index = msg.sender
-        self.state = HandshakeState.RESPONSE_CONSUMED
+        self.state = target
 
     def create_response(self, now: float, sender_index: int) -> bytes:
         """A type-2 message answering the initiation just consumed."""
+        target = _check_move(self.state, "create_response")
         noise = self._noise
-        if self.state is not HandshakeState.INITIATION_CONSUMED or noise is None:
-            raise HandshakeStateError("no consumed initiation to respond to")
+        assert noise is not None
         noise.ephemeral_factory = self._ephemeral
         body = noise.write_message(b"")
         msg = bytearray(
@@ -741,28 +775,24 @@ class PeerHandshake:
         )
         self.cookies.add_macs(msg, now)
         self.local_index = sender_index
-        self.state = HandshakeState.RESPONSE_CREATED
+        self.state = target
         return bytes(msg)
 
     def consume_cookie_reply(self, data: Buffer, now: float) -> None:
-        """Take a cookie from a type-3 reply to our last initiation/response."""
-        reply = packet.unpack_cookie_reply(data)
-        if reply.receiver != self.local_index or self.state not in (
-            HandshakeState.INITIATION_CREATED,
-            HandshakeState.RESPONSE_CREATED,
-        ):
-            raise ProtocolError("cookie reply for another handshake", "state")
+        """Take a cookie from a type-3 reply to the last initiation or response we sent.
+
+        The caller routes the reply by its receiver index, which may name our handshake or (a
+        reply to our response) the session derived from it, so the handshake state is not
+        checked, as in wireguard-go. The reply is bound to our last mac1 by its AEAD.
+        """
         self.cookies.consume_reply(data, now)
 
     def begin_session(self, now: float) -> Session:
         """Derive the transport keys (KDF2 of the chaining key), zero the handshake, and return
         the new :class:`Session`. Initiator after a response, responder after creating one."""
+        _check_move(self.state, "begin_session")
         noise = self._noise
-        if noise is None or self.state not in (
-            HandshakeState.RESPONSE_CONSUMED,
-            HandshakeState.RESPONSE_CREATED,
-        ):
-            raise HandshakeStateError("no completed handshake to derive a session from")
+        assert noise is not None
         send_key, receive_key = noise.transport_keys()
         session = Session(
             send_key,
@@ -779,6 +809,6 @@ class PeerHandshake:
     def zero(self) -> None:
         """Forget the handshake in progress (keeps the last timestamp and the cookie)."""
         self._noise = None
-        self.state = HandshakeState.ZEROED
+        self.state = _check_move(self.state, "zero")
         self.local_index = 0
         self.remote_index = 0

@@ -184,7 +184,7 @@ class PeerTimers:
         """Any authenticated packet (keepalive, data or handshake) was received."""
         self._cancel(Timer.NEW_HANDSHAKE)
 
-    def on_any_authenticated_packet_traversal(self, now: float) -> None:
+    def on_any_authenticated_packet_traversed(self, now: float) -> None:
         """Any authenticated packet is about to be sent or was received."""
         if self.persistent_keepalive > 0:
             self._arm(Timer.PERSISTENT_KEEPALIVE, now + self.persistent_keepalive)

@@ -308,11 +308,11 @@ def test_cookie_reply_round_trip_and_mac2() -> None:
         pair.a_to_b.consume_cookie_reply(bytes(bad), MONO0)
     assert err.value.reason == "auth"
     assert not pair.a_to_b.cookies.has_cookie
-    wrong_receiver = bytearray(reply)
-    wrong_receiver[4] ^= 1
+    other = make_pair(label="/other")
+    other.a_to_b.create_initiation(MONO0, WALL0, 0x77)  # another mac1: the reply is not for it
     with pytest.raises(ProtocolError) as err:
-        pair.a_to_b.consume_cookie_reply(bytes(wrong_receiver), MONO0)
-    assert err.value.reason == "state"
+        other.a_to_b.consume_cookie_reply(reply, MONO0)
+    assert err.value.reason == "auth"
 
     pair.a_to_b.consume_cookie_reply(reply, MONO0 + 0.1)
     assert pair.a_to_b.cookies.has_cookie
@@ -425,3 +425,40 @@ def test_identifier_is_the_prologue() -> None:
     with pytest.raises(ProtocolError):
         wrong.read_message(body)
     assert dataclasses.is_dataclass(init)
+
+
+def test_cookie_reply_to_our_response_after_the_session_began() -> None:
+    """Alice, under load, answers Bob's response with a cookie reply; Bob already derived his
+    session (handshake zeroed) and still takes the cookie, as wireguard-go does."""
+    pair = make_pair()
+    init = pair.a_to_b.create_initiation(MONO0, WALL0, 1)
+    peer = pair.bob.consume_initiation(init, pair.lookup_bob, MONO0)
+    resp = peer.create_response(MONO0, 2)
+    peer.begin_session(MONO0)
+    assert peer.state is HandshakeState.ZEROED
+    source = noise.source_bytes("198.51.100.9", 1234)
+    reply = pair.alice.cookies.create_reply(resp, 2, source, MONO0)
+    peer.consume_cookie_reply(reply, MONO0)
+    assert peer.cookies.has_cookie
+    again = peer.create_initiation(MONO0 + 1, WALL0 + 1, 3)  # Bob now initiates, with mac2
+    assert pair.alice.cookies.check_mac2(again, source, MONO0 + 1)
+
+
+def test_transition_table_guards_every_move() -> None:
+    pair = make_pair()
+    assert pair.a_to_b.state is HandshakeState.ZEROED
+    for event in noise.HANDSHAKE_TRANSITIONS:
+        allowed, _ = noise.HANDSHAKE_TRANSITIONS[event]
+        for state in HandshakeState:
+            if state in allowed:
+                assert noise._check_move(state, event) in HandshakeState
+            elif event.startswith("consume_"):
+                with pytest.raises(ProtocolError):
+                    noise._check_move(state, event)
+            else:
+                with pytest.raises(noise.HandshakeStateError):
+                    noise._check_move(state, event)
+    resp = packet.pack_response(packet.Response(1, 0, bytes(32), bytes(16)))
+    with pytest.raises(ProtocolError) as err:
+        pair.a_to_b.consume_response(_with_mac1(bytearray(resp), pair.alice.public), MONO0)
+    assert err.value.reason == "state"

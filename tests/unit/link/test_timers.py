@@ -52,7 +52,7 @@ def _run_until(t: PeerTimers, clock: FakeClock, until: float) -> list[tuple[floa
         for action in t.handle_timer(now):
             fired.append((now, action))
             if action is A.SEND_INITIATION:
-                t.on_any_authenticated_packet_traversal(now)
+                t.on_any_authenticated_packet_traversed(now)
                 t.on_any_authenticated_packet_sent(now)
                 t.on_handshake_initiated(now)
 
@@ -221,10 +221,10 @@ def test_zero_key_material_after_three_reject_times() -> None:
 def test_persistent_keepalive() -> None:
     clock, t = FakeClock(), _timers(persistent_keepalive=25)
     t0 = clock.monotonic()
-    t.on_any_authenticated_packet_traversal(t0)
+    t.on_any_authenticated_packet_traversed(t0)
     assert _run_until(t, clock, t0 + 25) == [(t0 + 25, A.SEND_KEEPALIVE)]
     quiet = _timers()
-    quiet.on_any_authenticated_packet_traversal(t0)
+    quiet.on_any_authenticated_packet_traversed(t0)
     assert quiet.next_deadline() is None
 
 
