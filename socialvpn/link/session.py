@@ -223,13 +223,13 @@ class Session:
         Raises ProtocolError (see the module doc for reasons); the replay window only moves when
         the tag verified.
         """
-        size = len(message)
-        if size < MESSAGE_TRANSPORT_SIZE or size > MAX_MESSAGE_SIZE:
-            raise ProtocolError("transport message of impossible size", "malformed")
         try:
+            size = len(message)
             kind, receiver, counter = _HEADER.unpack_from(message, 0)
         except (struct.error, TypeError):
             raise ProtocolError("not a transport message", "malformed") from None
+        if size < MESSAGE_TRANSPORT_SIZE or size > MAX_MESSAGE_SIZE:
+            raise ProtocolError("transport message of impossible size", "malformed")
         if kind != MESSAGE_TRANSPORT_TYPE:
             raise ProtocolError("not a transport message", "malformed")
         if receiver != self.local_index:

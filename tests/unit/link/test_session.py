@@ -99,6 +99,8 @@ def test_wrong_receiver_and_malformed() -> None:
     assert _reason(b.open, msg[:31], MONO0) == "malformed"
     assert _reason(b.open, b"\x01" + bytes(msg[1:]), MONO0) == "malformed"
     assert _reason(b.open, bytes(packet.MAX_MESSAGE_SIZE + 1), MONO0) == "malformed"
+    for junk in (None, "text", 42, b"", b"\x04\x00"):
+        assert _reason(b.open, junk, MONO0) == "malformed"
 
 
 def test_reject_after_time() -> None:
