@@ -25,6 +25,8 @@ from .xmpp.stanzas import DeviceInfo
 
 log = logging.getLogger("socialvpn.agent")
 
+INTERFACE_PREFIX = "svpn-"  # every TUN device the agent makes is named svpn-<group>
+
 MAX_PENDING_REQUESTS = 1000  # a flood of friend requests cannot grow the state file forever
 DROP_LOG_INTERVAL = 10.0  # at most one log line per reason per interval
 
@@ -228,3 +230,17 @@ class Agent(XmppListener):
     def events_since(self, seq: int) -> list[dict[str, Any]]:
         return [e.to_json() for e in self.events.recent if e.seq > seq]
 
+
+
+def cleanup_network(prefix: str = INTERFACE_PREFIX) -> list[str]:
+    """Remove every interface (and with it every route and address) the agent ever made.
+
+    Works with no agent running, e.g. after a crash; idempotent.
+    """
+    from .net.router import Router  # pyroute2 only for commands that touch the network
+
+    router = Router()
+    try:
+        return router.cleanup(prefix)
+    finally:
+        router.close()

@@ -119,6 +119,21 @@ def cmd_up(args: argparse.Namespace) -> int:
     return up(load_config(args.config), args.log_level)
 
 
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    from .daemon import cleanup
+
+    if os.geteuid() != 0:
+        raise SocialVPNError("cleanup changes network interfaces: run it as root")
+    removed = cleanup()
+    if args.json:
+        _print_json({"removed": removed})
+    elif removed:
+        print("removed: " + ", ".join(removed))
+    else:
+        print("nothing to clean up")
+    return 0
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     warnings = check_files(cfg)
@@ -314,6 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--group", metavar="NAME",
                        help="decide the join request or invitation for this group")
         p.set_defaults(func=_decide(op))
+
+    p = sub.add_parser("cleanup", parents=[common, listing],
+                       help="remove every interface and route the agent made",
+                       description="Remove every svpn-* interface, with its addresses and "
+                                   "routes. Safe to run any time; the agent runs it when it "
+                                   "stops, and systemd after a crash.")
+    p.set_defaults(func=cmd_cleanup)
 
     p = sub.add_parser("check-config", parents=[common, listing],
                        help="validate the config file, password and keys")

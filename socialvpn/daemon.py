@@ -10,7 +10,7 @@ import signal
 import socket
 import sys
 
-from .agent import Agent
+from .agent import Agent, cleanup_network
 from .config import Config, read_password
 from .errors import ConfigError
 from .state import StateDir
@@ -97,3 +97,8 @@ def up(cfg: Config, log_level: str = "info") -> int:
         return asyncio.run(run_agent(cfg, password, state))
     finally:
         state.unlock()
+
+
+def cleanup() -> list[str]:
+    """``socialvpn cleanup``: remove every interface and route the agent made."""
+    return cleanup_network()

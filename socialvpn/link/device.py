@@ -251,7 +251,7 @@ class Device:
         while self._running:
             try:
                 packet = read(RECEIVE_BUFFER)
-            except OSError:
+            except Exception:  # TunClosed after stop(), or the device vanished
                 if self._running:
                     log.exception("TUN read failed; the link device stops reading")
                 break

@@ -1,0 +1,267 @@
+"""Link endpoints for tests and benchmarks, each in a namespace of the kit:
+
+* :class:`OurLink` — SocialVPN's packet path (``tests.kit.linkrunner``) with directly
+  configured peers;
+* :class:`WgGoLink` — Debian's ``wireguard-go`` configured with ``wg``, the interop peer;
+* :func:`iperf3` / :func:`ping` — measurements between namespaces, bounded in time.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+)
+
+from tests.kit.netns import Netns
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    private: str  # base64, as wg(8) writes keys
+    public: str
+
+    @classmethod
+    def generate(cls) -> KeyPair:
+        key = X25519PrivateKey.generate()
+        priv = key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+        pub = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        return cls(base64.b64encode(priv).decode(), base64.b64encode(pub).decode())
+
+
+@dataclass
+class LinkPeer:
+    public_key: str
+    allowed_ips: list[str]
+    endpoint: str | None = None
+    persistent_keepalive: int = 0
+
+
+@dataclass
+class OurLink:
+    ns: Netns
+    workdir: Path
+    keys: KeyPair
+    address: str  # e.g. "10.9.0.1/24"
+    port: int = 51821
+    tun: str = "svpn-t0"
+    mtu: int = 1380
+    peers: list[LinkPeer] = field(default_factory=list)
+    timers: dict[str, float] = field(default_factory=dict)
+    proc: subprocess.Popen[str] | None = None
+
+    @property
+    def spec_path(self) -> Path:
+        return self.workdir / f"link-{self.ns.short}.json"
+
+    @property
+    def ip(self) -> str:
+        return self.address.split("/")[0]
+
+    def start(self, timeout: float = 15.0) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        spec = {
+            "private_key": self.keys.private, "listen_port": self.port, "tun": self.tun,
+            "mtu": self.mtu, "addresses": [self.address],
+            "peers": [p.__dict__ for p in self.peers], "timers": self.timers,
+        }
+        self.spec_path.write_text(json.dumps(spec))
+        log = (self.workdir / f"link-{self.ns.short}.log").open("w")
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        self.proc = self.ns.popen([sys.executable, "-m", "tests.kit.linkrunner",
+                                   str(self.spec_path)], stdout=subprocess.PIPE, stderr=log,
+                                  env=env, text=True, cwd=str(REPO))
+        log.close()
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        line = ""
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            line = self.proc.stdout.readline()
+            if line.startswith("READY"):
+                return
+        raise AssertionError(f"link in {self.ns.name} did not start: {line!r}\n{self.log_tail()}")
+
+    def log_tail(self) -> str:
+        with contextlib.suppress(OSError):
+            return (self.workdir / f"link-{self.ns.short}.log").read_text()[-3000:]
+        return ""
+
+    def stats(self, timeout: float = 5.0) -> dict[str, Any]:
+        assert self.proc is not None and self.proc.poll() is None, "link not running"
+        path = Path(str(self.spec_path) + ".stats.json")
+        before = path.stat().st_mtime_ns if path.exists() else 0
+        self.proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if path.exists() and path.stat().st_mtime_ns != before:
+                with contextlib.suppress(ValueError):
+                    return json.loads(path.read_text())
+            time.sleep(0.02)
+        raise AssertionError("no stats from the link runner")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        return self.proc.returncode
+
+
+@dataclass
+class WgGoLink:
+    """wireguard-go + wg(8) in a namespace: the stock WireGuard implementation to prove against."""
+
+    ns: Netns
+    workdir: Path
+    keys: KeyPair
+    address: str
+    port: int = 51820
+    ifname: str = ""  # default: unique per process and namespace (wg's UAPI socket is global)
+    mtu: int = 1380
+    peers: list[LinkPeer] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.ifname:
+            self.ifname = f"wg{os.getpid() % 100000}{self.ns.short}"[:15]
+
+    @property
+    def ip(self) -> str:
+        return self.address.split("/")[0]
+
+    def start(self, timeout: float = 10.0) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log = (self.workdir / f"wggo-{self.ns.short}.log").open("w")
+        self.proc = self.ns.popen(["wireguard-go", "-f", self.ifname], stdout=log, stderr=log)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while self.ns.ip("link", "show", self.ifname, check=False).returncode != 0:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise AssertionError("wireguard-go did not make its interface")
+            time.sleep(0.05)
+        key_file = self.workdir / f"wg-{self.ns.short}.key"
+        key_file.write_text(self.keys.private + "\n")
+        key_file.chmod(0o600)
+        args = ["wg", "set", self.ifname, "private-key", str(key_file), "listen-port",
+                str(self.port)]
+        for p in self.peers:
+            args += ["peer", p.public_key, "allowed-ips", ",".join(p.allowed_ips)]
+            if p.endpoint:
+                args += ["endpoint", p.endpoint]
+            if p.persistent_keepalive:
+                args += ["persistent-keepalive", str(p.persistent_keepalive)]
+        self.ns.run(args)
+        self.ns.ip("addr", "add", self.address, "dev", self.ifname)
+        self.ns.ip("link", "set", self.ifname, "mtu", str(self.mtu), "up")
+
+    def latest_handshakes(self) -> dict[str, int]:
+        out = self.ns.run(["wg", "show", self.ifname, "latest-handshakes"]).stdout
+        result = {}
+        for line in out.splitlines():
+            key, _, ts = line.partition("\t")
+            result[key] = int(ts or 0)
+        return result
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.ns.ip("link", "del", self.ifname, check=False)
+
+
+def ping(ns: Netns, target: str, count: int = 3, interval: float = 0.2, timeout: float = 2.0,
+         size: int | None = None) -> subprocess.CompletedProcess[str]:
+    cmd = ["ping", "-n", "-c", str(count), "-i", str(interval), "-W", str(timeout), target]
+    if size is not None:
+        cmd[1:1] = ["-s", str(size)]
+    return ns.run(cmd, check=False, timeout=count * (interval + timeout) + 10)
+
+
+def ping_rtt_ms(result: subprocess.CompletedProcess[str]) -> float | None:
+    for line in result.stdout.splitlines():
+        if line.startswith(("rtt", "round-trip")):
+            return float(line.split("=")[1].split("/")[1])
+    return None
+
+
+class Iperf3Server:
+    def __init__(self, ns: Netns, bind: str, port: int = 5201) -> None:
+        self.ns = ns
+        self.proc = ns.popen(["iperf3", "-s", "-B", bind, "-p", str(port)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.port = port
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            out = ns.run(["ss", "-ltn"], check=False).stdout
+            if f":{port} " in out:
+                return
+            time.sleep(0.05)
+        raise AssertionError("iperf3 server did not listen")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(5)
+            if self.proc.poll() is None:
+                self.proc.kill()
+
+
+def iperf3(ns: Netns, server: str, *, seconds: float = 3, streams: int = 1,
+           reverse: bool = False, udp_bitrate: str | None = None, port: int = 5201,
+           length: int | None = None) -> dict[str, Any]:
+    """One iperf3 client run; returns its JSON summary (raises with stderr on failure)."""
+    cmd = ["iperf3", "-c", server, "-p", str(port), "-t", str(seconds), "-J",
+           "-P", str(streams), "--connect-timeout", "3000"]
+    if reverse:
+        cmd.append("-R")
+    if udp_bitrate:
+        cmd += ["-u", "-b", udp_bitrate]
+    if length:
+        cmd += ["-l", str(length)]
+    result = ns.run(cmd, check=False, timeout=seconds + 30)
+    try:
+        data: dict[str, Any] = json.loads(result.stdout)
+    except ValueError:
+        raise AssertionError(f"iperf3 failed: {result.stderr} {result.stdout[-500:]}") from None
+    if "error" in data:
+        raise AssertionError(f"iperf3: {data['error']}")
+    return data
+
+
+def tcp_mbps(data: dict[str, Any]) -> float:
+    return float(data["end"]["sum_received"]["bits_per_second"]) / 1e6
+
+
+def udp_summary(data: dict[str, Any]) -> dict[str, float]:
+    s = data["end"]["sum"]
+    return {"mbps": float(s["bits_per_second"]) / 1e6, "lost": float(s.get("lost_packets", 0)),
+            "packets": float(s.get("packets", 0)), "lost_percent": float(s.get("lost_percent", 0))}
