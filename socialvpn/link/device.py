@@ -53,6 +53,7 @@ log = logging.getLogger("socialvpn.link")
 MAX_STAGED_PACKETS = 128  # packets held per peer while a handshake is under way (wireguard-go)
 TIMER_TICK = 0.05  # the timer thread's resolution, seconds
 RECEIVE_BUFFER = 65536
+TUN_BATCH = 32  # inner packets taken from the TUN device per wake-up
 DEFAULT_MTU = 1380
 
 
@@ -167,7 +168,7 @@ class Device:
         self.routes.set_allowed(peer, cfg.allowed_ips)
         self._peers[cfg.public_key] = peer
         if cfg.persistent_keepalive > 0 and peer.endpoint is not None and self._running:
-            self._send(peer, b"", keepalive=True)
+            self._send(peer, [b""], keepalive=True)
         return peer
 
     def remove_peer(self, public_key: bytes) -> None:
@@ -210,7 +211,7 @@ class Device:
             self._threads.append(t)
         for peer in self.peers():
             if peer.timers.persistent_keepalive > 0 and peer.endpoint is not None:
-                self._send(peer, b"", keepalive=True)
+                self._send(peer, [b""], keepalive=True)
 
     def stop(self, timeout: float = 5.0) -> None:
         if not self._running:
@@ -245,28 +246,42 @@ class Device:
     # --- sending ---------------------------------------------------------------------------
 
     def _tun_loop(self) -> None:
+        read_batch = getattr(self.tun, "read_batch", None)
         read = self.tun.read
         route = self.routes.peer_for_destination
         send = self._send
         while self._running:
             try:
-                packet = read(RECEIVE_BUFFER)
+                packets = read_batch(TUN_BATCH) if read_batch else [read(RECEIVE_BUFFER)]
             except Exception:  # TunClosed after stop(), or the device vanished
                 if self._running:
                     log.exception("TUN read failed; the link device stops reading")
                 break
-            if not packet:
+            if len(packets) == 1:
+                peer = route(packets[0])
+                if peer is None:
+                    self._drop("no-route")
+                else:
+                    send(peer, packets)
                 continue
-            peer = route(packet)
-            if peer is None:
-                self._drop("no-route")
-                continue
-            send(peer, packet)
+            # Keep each peer's packets in order and send each peer's share in one batch.
+            by_peer: dict[Peer, list[bytes]] = {}
+            for packet in packets:
+                peer = route(packet)
+                if peer is None:
+                    self._drop("no-route")
+                elif peer in by_peer:
+                    by_peer[peer].append(packet)
+                else:
+                    by_peer[peer] = [packet]
+            for peer, share in by_peer.items():
+                send(peer, share)
 
-    def _send(self, peer: Peer, packet: bytes, keepalive: bool = False) -> None:
-        """Seal and send one inner packet (or a keepalive), or stage it and start a handshake."""
+    def _send(self, peer: Peer, packets: list[bytes], keepalive: bool = False) -> None:
+        """Seal and send inner packets (``[b""]`` with ``keepalive``), or stage them and start
+        a handshake when there is no usable session."""
         now = self._clock()
-        message = None
+        messages: list[bytearray] = []
         initiate = False
         with peer.lock:
             if peer.removed:
@@ -275,31 +290,36 @@ class Device:
             endpoint = peer.endpoint
             if session is None or endpoint is None:
                 if not keepalive or not peer.staged:
-                    peer.staged.append(packet)
+                    peer.staged.extend(packets)
                 initiate = endpoint is not None
             else:
-                message = session.seal(packet, now, self.mtu)
+                seal = session.seal
+                mtu = self.mtu
+                messages = [seal(packet, now, mtu) for packet in packets]
                 timers = peer.timers
                 timers.on_any_authenticated_packet_traversed(now)
                 timers.on_any_authenticated_packet_sent(now)
-                if packet:
+                if not keepalive:
                     timers.on_data_sent(now)
-                    peer.tx_bytes += len(packet)
-                    peer.tx_packets += 1
+                    peer.tx_bytes += sum(map(len, packets))
+                    peer.tx_packets += len(packets)
                 initiate = timers.keep_key_fresh_sending(now, session)
-        if message is not None:
-            self.transport.sendto(message, endpoint)  # type: ignore[arg-type]
+        if messages:
+            if len(messages) == 1:
+                self.transport.sendto(messages[0], endpoint)  # type: ignore[arg-type]
+            else:
+                self.transport.send_batch(messages, endpoint)  # type: ignore[arg-type]
         if initiate:
             self._initiate(peer, now)
 
     def _send_staged(self, peer: Peer) -> None:
         with peer.lock:
-            staged = list(peer.staged)
+            staged = [p for p in peer.staged if p]
             peer.staged.clear()
-        if not staged:
-            self._send(peer, b"", keepalive=True)
-        for packet in staged:
-            self._send(peer, packet, keepalive=not packet)
+        if staged:
+            self._send(peer, staged)
+        else:
+            self._send(peer, [b""], keepalive=True)
 
     def _initiate(self, peer: Peer, now: float, is_retry: bool = False) -> None:
         with self._hs_lock, peer.lock:
@@ -323,31 +343,39 @@ class Device:
     def _udp_loop(self) -> None:
         buf = bytearray(RECEIVE_BUFFER)
         view = memoryview(buf)
-        recv = self.transport.recv_into
-        receive_transport = self._receive_transport
+        recv = self.transport.recv_segments
+        dispatch = self._dispatch
         while self._running:
             try:
-                n, addr = recv(buf)
+                n, segment, addr = recv(buf)
             except OSError:
                 if self._running:
                     log.exception("UDP receive failed; the link device stops receiving")
                 break
-            if n >= MESSAGE_TRANSPORT_SIZE and buf[0] == 4 and not (buf[1] | buf[2] | buf[3]):
-                receive_transport(view[:n], addr)
-                continue
             if n == 0:
                 continue  # a wake-up, or an empty datagram
-            data = bytes(view[:n])
-            kind = classify(data)
-            if kind is DatagramKind.WIREGUARD:
-                try:
-                    self._handshakes.put_nowait((data, addr))
-                except queue.Full:
-                    self._drop("handshake-queue-full")
-            elif kind is DatagramKind.STUN and self.on_stun is not None:
-                self.on_stun(data, addr)
-            else:
-                self._drop("malformed")
+            if segment >= n:
+                dispatch(view[:n], addr)
+            else:  # GRO: several datagrams from one sender, back to back
+                for offset in range(0, n, segment):
+                    dispatch(view[offset:min(offset + segment, n)], addr)
+
+    def _dispatch(self, data: memoryview, addr: SockAddr) -> None:
+        n = len(data)
+        if n >= MESSAGE_TRANSPORT_SIZE and data[0] == 4 and not (data[1] | data[2] | data[3]):
+            self._receive_transport(data, addr)
+            return
+        message = bytes(data)
+        kind = classify(message)
+        if kind is DatagramKind.WIREGUARD:
+            try:
+                self._handshakes.put_nowait((message, addr))
+            except queue.Full:
+                self._drop("handshake-queue-full")
+        elif kind is DatagramKind.STUN and self.on_stun is not None:
+            self.on_stun(message, addr)
+        else:
+            self._drop("malformed")
 
     def _receive_transport(self, message: memoryview, addr: SockAddr) -> None:
         receiver = int.from_bytes(message[4:8], "little")
@@ -533,7 +561,7 @@ class Device:
 
     def _carry_out(self, peer: Peer, action: TimerAction, now: float) -> None:
         if action is TimerAction.SEND_KEEPALIVE:
-            self._send(peer, b"", keepalive=True)
+            self._send(peer, [b""], keepalive=True)
         elif action is TimerAction.SEND_INITIATION:
             self._initiate(peer, now, is_retry=True)
         elif action is TimerAction.ZERO_KEYS:

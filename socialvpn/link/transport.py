@@ -11,11 +11,23 @@ import contextlib
 import errno
 import ipaddress
 import socket
+import struct
 from typing import Any, Protocol
 
 SockAddr = tuple[Any, ...]
 
 SOCKET_BUFFER = 8 * 1024 * 1024  # large buffers absorb bursts while a thread is descheduled
+
+# Linux UDP offloads (include/uapi/linux/udp.h): one sendmsg carries many equal-sized datagrams
+# (GSO, the kernel splits them), one recvmsg returns many datagrams of one flow (GRO).
+SOL_UDP = 17
+UDP_SEGMENT = 103
+UDP_GRO = 104
+GSO_MAX_SEGMENTS = 64
+GSO_MAX_BYTES = 65000
+_GSO_SIZE = struct.Struct("=H")
+_GRO_SIZE = struct.Struct("=i")
+_CMSG_SPACE = socket.CMSG_SPACE(4)
 
 
 class DatagramIO(Protocol):
@@ -24,6 +36,10 @@ class DatagramIO(Protocol):
     def sendto(self, data: bytes | bytearray | memoryview, addr: SockAddr) -> None: ...
 
     def recv_into(self, buf: bytearray) -> tuple[int, SockAddr]: ...
+
+    def recv_segments(self, buf: bytearray) -> tuple[int, int, SockAddr]: ...
+
+    def send_batch(self, messages: list[bytearray], addr: SockAddr) -> None: ...
 
     def sockaddr(self, host: str, port: int) -> SockAddr: ...
 
@@ -72,6 +88,15 @@ class UdpTransport:
         _set_buffer(sock, getattr(socket, "SO_RCVBUFFORCE", 33), socket.SO_RCVBUF, buffer_size)
         _set_buffer(sock, getattr(socket, "SO_SNDBUFFORCE", 32), socket.SO_SNDBUF, buffer_size)
         self.port: int = sock.getsockname()[1]
+        self.gso = self._try(SOL_UDP, UDP_SEGMENT, 0)
+        self.gro = self._try(SOL_UDP, UDP_GRO, 1)
+
+    def _try(self, level: int, option: int, value: int) -> bool:
+        try:
+            self.sock.setsockopt(level, option, value)
+        except OSError:
+            return False
+        return True
 
     def sockaddr(self, host: str, port: int) -> SockAddr:
         """``host:port`` in the form this socket sends to and reports (v4-mapped on v6)."""
@@ -95,6 +120,51 @@ class UdpTransport:
 
     def recv_into(self, buf: bytearray) -> tuple[int, SockAddr]:
         return self.sock.recvfrom_into(buf)
+
+    def recv_segments(self, buf: bytearray) -> tuple[int, int, SockAddr]:
+        """Receive into ``buf``: (bytes, segment size, sender). With GRO the kernel may hand
+        over several datagrams of one sender back to back, each ``segment size`` long (the
+        last may be shorter); otherwise the segment size is the whole datagram."""
+        if not self.gro:
+            n, addr = self.sock.recvfrom_into(buf)
+            return n, n, addr
+        n, ancdata, _flags, addr = self.sock.recvmsg_into((buf,), _CMSG_SPACE)
+        for level, kind, data in ancdata:
+            if level == SOL_UDP and kind == UDP_GRO and len(data) >= 4:
+                return n, _GRO_SIZE.unpack_from(data)[0] or n, addr
+        return n, n, addr
+
+    def send_batch(self, messages: list[bytearray], addr: SockAddr) -> None:
+        """Send datagrams to one destination, in order, with as few system calls as GSO allows:
+        each run of equal-sized messages (the last of a run may be shorter) is one sendmsg."""
+        if not self.gso or len(messages) == 1:
+            for message in messages:
+                self.sendto(message, addr)
+            return
+        i, count = 0, len(messages)
+        while i < count:
+            size = len(messages[i])
+            j = i + 1
+            limit = min(count, i + GSO_MAX_SEGMENTS, i + max(1, GSO_MAX_BYTES // size))
+            while j < limit and len(messages[j]) == size:
+                j += 1
+            if j < limit and len(messages[j]) < size:
+                j += 1  # a shorter last segment may close the run
+            if j - i == 1:
+                self.sendto(messages[i], addr)
+            else:
+                try:
+                    self.sock.sendmsg(messages[i:j], [(SOL_UDP, UDP_SEGMENT,
+                                                       _GSO_SIZE.pack(size))], 0, addr)
+                except OSError as exc:
+                    if exc.errno in (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP):
+                        self.gso = False  # no GSO on this path: plain sends from now on
+                        for message in messages[i:j]:
+                            self.sendto(message, addr)
+                    else:
+                        name = errno.errorcode.get(exc.errno or 0, "OSError")
+                        self.errors[name] = self.errors.get(name, 0) + 1
+            i = j
 
     def wake(self) -> None:
         """Unblock a thread sitting in :meth:`recv_into` (it then sees it should stop)."""
@@ -121,5 +191,3 @@ def display(addr: SockAddr | None) -> str | None:
 def host_of(addr: SockAddr) -> str:
     host: str = addr[0]
     return host[7:] if host.startswith("::ffff:") and "." in host else host
-
-
