@@ -10,7 +10,6 @@ with a wrong type or value is an error, never silently replaced (Tailscale conff
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import re
 import tomllib
@@ -30,8 +29,9 @@ DEFAULT_MTU = 1380
 PASSWORD_ENV = "SOCIALVPN_PASSWORD"
 CONFIG_ENV = "SOCIALVPN_CONFIG"
 
-_JID_RE = re.compile(r"^[^@/\s\"&'<>:]{1,1023}@[A-Za-z0-9.\-\[\]:]{1,1023}$")
-_DEVICE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,31}$")
+_JID_RE = re.compile(r"[^@/\s\"&'<>:]{1,1023}@[A-Za-z0-9.\-\[\]:]{1,1023}")
+_DEVICE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,31}")
+_PORT_RE = re.compile(r"[0-9]{1,5}")
 
 
 @dataclass(frozen=True)
@@ -175,7 +175,8 @@ class _Section:
     def finish(self) -> None:
         unknown = sorted(set(self.data) - self.used)
         if unknown:
-            names = ", ".join(unknown)
+            names = ", ".join(k if re.fullmatch(r"[A-Za-z0-9_\-]+", k) else repr(k)
+                              for k in unknown)
             raise ConfigError(f"{self.path}: [{self.name}]: unknown key(s): {names}")
 
 
@@ -195,7 +196,7 @@ def parse_endpoint(text: str, default_port: int, where: str) -> Endpoint:
     text = text.strip()
     if not text:
         raise ConfigError(f"{where}: empty address")
-    host, port_s = text, ""
+    host, port_s, has_port = text, "", False
     if text.startswith("["):
         end = text.find("]")
         if end < 0:
@@ -204,11 +205,12 @@ def parse_endpoint(text: str, default_port: int, where: str) -> Endpoint:
         if rest:
             if not rest.startswith(":"):
                 raise ConfigError(f"{where}: {text!r}: expected ':PORT' after ']'")
-            port_s = rest[1:]
+            port_s, has_port = rest[1:], True
     elif text.count(":") == 1:
         host, port_s = text.split(":")
-    if port_s:
-        if not port_s.isdigit() or not 1 <= int(port_s) <= 65535:
+        has_port = True
+    if has_port:
+        if not _PORT_RE.fullmatch(port_s) or not 1 <= int(port_s) <= 65535:
             raise ConfigError(f"{where}: {text!r}: port must be a number from 1 to 65535")
         port = int(port_s)
     else:
@@ -219,7 +221,7 @@ def parse_endpoint(text: str, default_port: int, where: str) -> Endpoint:
 
 
 def validate_jid(jid: str, where: str) -> str:
-    if not _JID_RE.match(jid) or jid.endswith(".") or ".." in jid.split("@", 1)[1]:
+    if not _JID_RE.fullmatch(jid) or jid.endswith(".") or ".." in jid.split("@", 1)[1]:
         raise ConfigError(
             f"{where}: {jid!r} is not a bare JID like alice@example.org (no resource, no spaces)"
         )
@@ -228,7 +230,7 @@ def validate_jid(jid: str, where: str) -> str:
 
 
 def validate_device_name(name: str, where: str) -> str:
-    if not _DEVICE_NAME_RE.match(name):
+    if not _DEVICE_NAME_RE.fullmatch(name):
         raise ConfigError(
             f"{where}: {name!r}: use 1-32 letters, digits, '-', '_' or '.', starting with a "
             "letter or digit"
@@ -433,9 +435,25 @@ def check_files(cfg: Config, env: Mapping[str, str] | None = None) -> list[str]:
 # --- writing (init) ------------------------------------------------------------------------
 
 
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n",
+                 "\f": "\\f", "\r": "\\r"}
+
+
 def _toml_str(value: str) -> str:
-    # JSON string escapes (\", \\, \n, \uXXXX with ensure_ascii) are valid TOML basic strings.
-    return json.dumps(value, ensure_ascii=True)
+    """A TOML basic string: quotes, backslashes and control characters escaped, the rest as is
+    (TOML has no surrogate escapes, so characters beyond U+FFFF are written literally)."""
+    out = []
+    for ch in value:
+        if ch in _TOML_ESCAPES:
+            out.append(_TOML_ESCAPES[ch])
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        elif 0xD800 <= ord(ch) <= 0xDFFF:
+            raise ConfigError(f"{value!r}: contains a lone surrogate, not valid text")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
 
 
 def render_config(

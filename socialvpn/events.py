@@ -7,6 +7,7 @@ and keep their own bounded queue. A slow subscriber never blocks the agent.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -35,7 +36,10 @@ class EventBus:
         event = Event(kind, data, next(self._seq))
         self.recent.append(event)
         for callback in list(self._subscribers):
-            callback(event)
+            try:
+                callback(event)
+            except Exception:  # one broken subscriber must not starve the others
+                logging.getLogger("socialvpn.events").exception("event subscriber failed")
         return event
 
     def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:

@@ -111,8 +111,10 @@ class DeviceKeys:
 
     @classmethod
     def from_json(cls, data: object) -> DeviceKeys:
-        if not isinstance(data, dict) or data.get("version") != 1:
+        version = data.get("version") if isinstance(data, dict) else None
+        if type(version) is not int or version != 1:
             raise ValueError("unknown key file format")
+        assert isinstance(data, dict)
         x, e = data.get("x25519"), data.get("ed25519")
         if not isinstance(x, str) or not isinstance(e, str):
             raise ValueError("key file lacks x25519/ed25519")

@@ -95,9 +95,9 @@ class StateDir:
 
     def load_keys(self) -> DeviceKeys:
         path = self.path / KEYS_FILE
-        data = self.read_json(KEYS_FILE)
-        if data is None:
+        if not path.exists():
             raise StateError(f"{path}: no device keys; run `socialvpn init` first")
+        data = self.read_json(KEYS_FILE)
         mode = path.stat().st_mode & 0o777
         if mode & 0o077:
             raise StateError(f"{path}: the key file is readable by others (mode {mode:o}); "

@@ -12,7 +12,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..errors import APIError
+from ..config import validate_jid
+from ..errors import APIError, ConfigError
 
 PREFIX = "/api/v1/"
 
@@ -76,10 +77,10 @@ def _str(body: dict[str, Any], key: str, required: bool = True) -> str | None:
 def _jid(body: dict[str, Any]) -> str:
     jid = _str(body, "jid")
     assert jid is not None
-    local, at, domain = jid.partition("@")
-    if not at or not local or not domain or "/" in jid or any(c.isspace() for c in jid):
-        raise APIError(f"{jid!r} is not a bare JID like bob@example.org", 400)
-    return f"{local}@{domain.lower()}"
+    try:
+        return validate_jid(jid, "jid")
+    except ConfigError:
+        raise APIError(f"{jid!r} is not a bare JID like bob@example.org", 400) from None
 
 
 @ROUTES.add("GET", "status")

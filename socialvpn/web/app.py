@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import socket
 import struct
 from pathlib import Path
@@ -24,6 +25,7 @@ from .api import PREFIX, ROUTES, AgentAPI
 log = logging.getLogger("socialvpn.api")
 
 MAX_BODY = 64 * 1024
+_SMALL_INT = re.compile(r"[0-9]{1,18}")
 _AGENT_KEY = web.AppKey("agent", object)
 
 
@@ -41,7 +43,12 @@ async def _only_owner(request: web.Request, handler: Any) -> web.StreamResponse:
     uid = _peer_uid(request)
     if uid is None or uid not in (0, os.geteuid()):
         return _error(403, "only root or the agent's user may use the local API")
-    return await handler(request)
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:  # aiohttp's own 404/405/413: JSON like everything else
+        if exc.status < 400:
+            raise
+        return _error(exc.status, exc.reason or "request refused")
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -55,8 +62,9 @@ def _make_handler(route: Any) -> Any:
         if request.method == "POST":
             if request.content_length is not None and request.content_length > MAX_BODY:
                 return _error(413, "request body too large")
-            raw = await request.content.read(MAX_BODY + 1)
-            if len(raw) > MAX_BODY:
+            try:
+                raw = await request.read()  # the whole body; client_max_size bounds it
+            except web.HTTPRequestEntityTooLarge:
                 return _error(413, "request body too large")
             try:
                 parsed = json.loads(raw or b"{}")
@@ -67,7 +75,7 @@ def _make_handler(route: Any) -> Any:
             body = parsed
         else:
             for key, value in request.query.items():
-                body[key] = int(value) if value.isdigit() else value
+                body[key] = int(value) if _SMALL_INT.fullmatch(value) else value
         try:
             result = await route.handler(agent, body)
         except APIError as exc:

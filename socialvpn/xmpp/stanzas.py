@@ -27,8 +27,8 @@ MAX_IQ_PAYLOAD_BYTES = 64 * 1024  # later: membership documents, candidate lists
 MAX_NAME_CHARS = 64
 MAX_ATTR_CHARS = 256
 
-_DEVICE_ID_RE = re.compile(r"^[a-z2-7]{16}$")
-_PRINTABLE_RE = re.compile(r"^[^\x00-\x1f\x7f]*$")
+_DEVICE_ID_RE = re.compile(r"[a-z2-7]{16}")
+_PRINTABLE_RE = re.compile(r"[^\x00-\x1f\x7f]*")
 
 
 class DeviceElement(ElementBase):
@@ -73,7 +73,7 @@ def _attr(xml: ET.Element, name: str, limit: int = MAX_ATTR_CHARS) -> str:
         raise ProtocolError(f"<{_local(xml.tag)}/> lacks attribute {name!r}", "malformed")
     if len(value) > limit:
         raise ProtocolError(f"attribute {name!r} longer than {limit}", "oversize")
-    if not _PRINTABLE_RE.match(value):
+    if not _PRINTABLE_RE.fullmatch(value):
         raise ProtocolError(f"attribute {name!r} has control characters", "malformed")
     return value
 
@@ -101,7 +101,7 @@ def parse_device(xml: ET.Element) -> DeviceInfo:
     name = _attr(xml, "name", MAX_NAME_CHARS)
     key = _attr(xml, "key", 44)
     sign = _attr(xml, "sign", 44)
-    if not _DEVICE_ID_RE.match(dev_id):
+    if not _DEVICE_ID_RE.fullmatch(dev_id):
         raise ProtocolError("device id is not 16 base32 characters", "malformed")
     if not name.strip():
         raise ProtocolError("empty device name", "malformed")

@@ -325,19 +325,12 @@ async def test_events_bad_since(api: Api, since: Any, status: int) -> None:
     assert api.agent.calls == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: app.py turns GET query values into ints with "
-                   "str.isdigit() + int(); '²' (and >4300 digits) pass isdigit() but int() "
-                   "raises ValueError outside the handler's try, so aiohttp answers a "
-                   "plain-text 500 and the client reports 502 'non-JSON' instead of 400")
 @pytest.mark.parametrize("since", ["\u00b2", "1" * 5000])
 async def test_events_since_non_ascii_digit(api: Api, since: str) -> None:
     err = await api.error("GET", "events", since=since)
     assert err.status == 400
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: api._jid only partitions on the first '@', so "
-                   "'bob@ex@ample.org' is passed to the agent as a bare JID; reuse "
-                   "config.validate_jid's rules")
 async def test_jid_with_two_at_signs(api: Api) -> None:
     err = await api.error("POST", "friends", {"op": "add", "jid": "bob@ex@ample.org"})
     assert err.status == 400
@@ -412,10 +405,6 @@ async def test_chunked_small_body_accepted(api: Api) -> None:
 BODY = b'{"op": "add", "jid": "bob@example.org"}'
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: app.py reads the body with one "
-                   "request.content.read(MAX_BODY + 1), which returns only the bytes that have "
-                   "arrived so far; a body that arrives in two pieces is parsed truncated and a "
-                   "valid request gets 400 'not JSON' (read until EOF or over the limit)")
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 async def test_body_arriving_in_pieces(api: Api, chunked: bool) -> None:
     status, _, body = await api.raw("POST", PREFIX + "friends", BODY, chunked=chunked, split=20)
@@ -423,9 +412,6 @@ async def test_body_arriving_in_pieces(api: Api, chunked: bool) -> None:
                                                            "requested": True}})
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: same single read(): a chunked body over 64 KiB "
-                   "that arrives in pieces is judged by its first piece (400 'not JSON') "
-                   "instead of 413")
 async def test_chunked_body_over_64k_is_413(api: Api) -> None:
     big = BODY[:-1] + b', "pad": "' + b"x" * MAX_BODY + b'"}'
     status, _, body = await api.raw("POST", PREFIX + "friends", big, chunked=True, split=20)
@@ -442,10 +428,6 @@ async def test_body_in_pieces_never_reaches_agent_truncated(api: Api) -> None:
 # --- unknown routes -------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (minor): aiohttp's own 404/405 for an unknown "
-                   "path or method are plain text, so APIClient reports 'the agent answered "
-                   "404 with non-JSON' as status 502; the app should answer JSON errors for "
-                   "every request under /api/v1/")
 @pytest.mark.parametrize(("method", "path", "status"), [("GET", "nope", 404),
                                                         ("POST", "status", 405)])
 async def test_unknown_route_is_json_error(api: Api, method: str, path: str,

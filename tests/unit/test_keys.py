@@ -170,9 +170,6 @@ def test_from_json_missing_version(keys: DeviceKeys) -> None:
         DeviceKeys.from_json(data)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: DeviceKeys.from_json compares version with "
-                   "'!= 1', so true and 1.0 are accepted as version 1; check "
-                   "type(version) is int")
 @pytest.mark.parametrize("version", [True, 1.0])
 def test_from_json_version_must_be_int(keys: DeviceKeys, version: object) -> None:
     data = keys.to_json()
