@@ -132,3 +132,67 @@ def test_rekey_under_traffic_loses_nothing(pair):
         got.add(b.tun.written.get(timeout=5)[20:])
     assert len(got) == n
     assert a.stats()["peers"][0]["handshakes"] >= 2
+
+
+class Tap:
+    """Wraps a transport to keep copies of what it sends."""
+
+    def __init__(self, inner: UdpTransport) -> None:
+        self.inner = inner
+        self.sent: list[bytes] = []
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def sendto(self, data, addr) -> None:
+        self.sent.append(bytes(data))
+        self.inner.sendto(data, addr)
+
+    def send_batch(self, messages, addr) -> None:
+        self.sent.extend(bytes(m) for m in messages)
+        self.inner.send_batch(messages, addr)
+
+
+def test_forged_and_replayed_packets_change_nothing():
+    import socket
+
+    timers = LinkTimers()
+    (ka, pa), (kb, pb) = keypair(), keypair()
+    ta, tb = Tap(UdpTransport(0, "127.0.0.1")), UdpTransport(0, "127.0.0.1")
+    a = Device(ka, QueueTun(), ta, SimpleRoutes(), timers=timers)
+    b = Device(kb, QueueTun(), tb, SimpleRoutes(), timers=timers)
+    a.add_peer(PeerConfig(pb, ("10.9.0.2/32",), ("127.0.0.1", tb.port)))
+    b.add_peer(PeerConfig(pa, ("10.9.0.1/32",), ("127.0.0.1", ta.port)))
+    a.start()
+    b.start()
+    attacker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    attacker.bind(("127.0.0.1", 0))
+    try:
+        a.tun.inbound.put(ipv4("10.9.0.1", "10.9.0.2", b"first"))
+        assert b.tun.written.get(timeout=5).endswith(b"first")
+        endpoint = b.stats()["peers"][0]["endpoint"]
+        initiation = next(m for m in ta.sent if m[0] == 1)
+        data = [m for m in ta.sent if m[0] == 4 and len(m) > 32][-1]
+
+        forged = bytearray(data)
+        forged[-1] ^= 0x01  # the tag no longer verifies
+        attacker.sendto(bytes(forged), ("127.0.0.1", tb.port))
+        attacker.sendto(data, ("127.0.0.1", tb.port))  # a replay of a real packet
+        attacker.sendto(initiation, ("127.0.0.1", tb.port))  # a replayed initiation
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and sum(b.drops.values()) < 3:
+            time.sleep(0.02)
+        assert b.drops == {"auth": 1, "replay": 2}, b.drops
+        stats = b.stats()["peers"][0]
+        assert stats["endpoint"] == endpoint and stats["endpoint_changes"] == 0
+        assert stats["handshakes"] == 1
+        assert b.tun.written.empty()
+        # The session still works.
+        a.tun.inbound.put(ipv4("10.9.0.1", "10.9.0.2", b"second"))
+        assert b.tun.written.get(timeout=5).endswith(b"second")
+    finally:
+        attacker.close()
+        a.stop()
+        b.stop()
+        ta.close()
+        tb.close()
