@@ -97,11 +97,16 @@ def main() -> None:
                         help="repeat each setup and take the median")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    results: dict[str, dict[str, float]] = {}
-    for name, setup in SETUPS.items():
-        runs = [measure(setup, args.seconds) for _ in range(args.rounds)]
-        results[name] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-        print(f"{name}: {results[name]}", flush=True)
+    # Rounds interleave the setups, so a busy spell on this shared machine hits all of them.
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in SETUPS}
+    for round_ in range(args.rounds):
+        for name, setup in SETUPS.items():
+            runs[name].append(measure(setup, args.seconds))
+            print(f"round {round_ + 1} {name}: {runs[name][-1]}", flush=True)
+    results = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+               for name, rs in runs.items()}
+    ratios = [o["tcp1"] / w["tcp1"] for o, w in zip(runs["socialvpn"], runs["wireguard-go"],
+                                                      strict=True)]
     ref = results["wireguard-go"]
     lines = [
         f"## Link throughput and latency (iperf3 {args.seconds:.0f} s, median of "
@@ -115,6 +120,9 @@ def main() -> None:
         lines.append(
             f"| {name} | {r['tcp1']:.0f} | {r['tcp4']:.0f} | {r['udp_mbps']:.0f} "
             f"({r['udp_loss']:.1f} %) | {r['rtt']:.3f} | {r['tcp1'] / ref['tcp1']:.2f}x |")
+    lines += ["", "socialvpn / wireguard-go, TCP 1 stream, per round: "
+              + ", ".join(f"{r:.2f}x" for r in ratios)
+              + f" (median {statistics.median(ratios):.2f}x)"]
     text = "\n".join(lines)
     print(text)
     if args.out:
