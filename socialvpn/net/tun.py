@@ -1,0 +1,328 @@
+"""The TUN device of a group: the only module that touches ``/dev/net/tun`` (through pytun).
+
+A :class:`TunDevice` is a layer-3 TUN (``IFF_TUN | IFF_NO_PI``): every read returns one IP
+packet, every write injects one. It is *not* persistent, so the kernel destroys the interface
+(with its addresses and routes) when the last descriptor goes away, also when the process is
+killed. Addresses, routes and link state are the router's business (:mod:`.router`); this module
+only opens, reads, writes and closes.
+
+Threads and blocking
+--------------------
+The packet path runs in dedicated threads with blocking calls. A plain blocking ``read(2)`` on a
+TUN descriptor cannot be interrupted from another thread: closing the descriptor does not wake
+the reader (the syscall holds its own reference; verified on this kernel), so the device would
+also stay up. Therefore:
+
+* The descriptor is non-blocking. :meth:`TunDevice.read` first tries ``os.read``; only when the
+  queue is empty it waits in ``poll`` on the TUN descriptor *and* a self-pipe. Under load the
+  common path is exactly one ``read`` syscall and no exception.
+* :meth:`TunDevice.close` marks the device closed, writes to the self-pipe (every waiting reader
+  wakes up and raises :class:`TunClosed`) and then atomically replaces the TUN descriptor with
+  ``/dev/null`` via ``dup2``. That drops our reference to the TUN file at once, so the interface
+  vanishes, while the descriptor *number* stays valid and harmless until the object is garbage
+  collected: a reader racing with ``close`` can never read from an unrelated file that happened
+  to reuse the number. (``/dev/null`` reads return ``b""``, which a reader turns into
+  :class:`TunClosed`.)
+* If the interface is deleted underneath us (``ip link del``, ``socialvpn cleanup``), reads fail
+  with ``EBADFD``/``EFAULT``; that is reported as :class:`TunClosed` too.
+
+Writes never raise for a bad packet: the kernel refuses malformed ones with ``EINVAL``; such
+errors are counted in :attr:`TunDevice.dropped_writes` and the packet is dropped (``0`` returned).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import select
+import threading
+from collections.abc import Iterable
+from typing import NoReturn, Protocol, runtime_checkable
+
+import pytun
+
+from ..errors import SocialVPNError
+
+IFNAMSIZ = 15
+"""Usable characters of a Linux interface name."""
+
+DEFAULT_READ_SIZE = 65536
+"""Large enough for any packet a TUN hands out (also 64 KB super-packets with offloads)."""
+
+DEFAULT_BATCH = 64
+"""Most packets :meth:`TunDevice.read_batch` returns per call."""
+
+_IFNAME_RE = re.compile(r"[A-Za-z0-9_.\-]+")
+_Buffer = bytes | bytearray | memoryview
+
+
+class TunError(SocialVPNError):
+    """The TUN device could not be opened or used; the message names the device."""
+
+
+class TunClosed(TunError):
+    """The device was closed (by us) or deleted (by someone else); stop using it."""
+
+
+def validate_ifname(name: str) -> str:
+    """Return ``name`` if it is a usable Linux interface name, else raise ``ValueError``.
+
+    Allowed: 1-15 characters from ``A-Z a-z 0-9 _ . -``, not ``.`` or ``..``. (The kernel
+    allows a little more, but ``%`` is a template, ``/`` and ``:`` break sysfs and aliases, and
+    whitespace breaks every tool that prints names.)
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"interface name must be a non-empty string, got {name!r}")
+    if len(name) > IFNAMSIZ:
+        raise ValueError(
+            f"interface name {name!r} is {len(name)} characters; Linux allows at most {IFNAMSIZ}"
+        )
+    if name in (".", "..") or not _IFNAME_RE.fullmatch(name):
+        raise ValueError(
+            f"interface name {name!r} may only use letters, digits, '_', '.' and '-'"
+        )
+    return name
+
+
+@runtime_checkable
+class TunIO(Protocol):
+    """What the packet path needs from a TUN device (:class:`TunDevice`, ``fake.FakeTun``).
+
+    Every read blocks until a packet arrives or the device is closed (then :class:`TunClosed`).
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def mtu(self) -> int: ...
+
+    def fileno(self) -> int: ...
+
+    def read(self, size: int = DEFAULT_READ_SIZE) -> bytes: ...
+
+    def readinto(self, buf: bytearray | memoryview) -> int: ...
+
+    def read_batch(
+        self, max_packets: int = DEFAULT_BATCH, size: int = DEFAULT_READ_SIZE
+    ) -> list[bytes]: ...
+
+    def write(self, packet: _Buffer) -> int: ...
+
+    def write_batch(self, packets: Iterable[_Buffer]) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class TunDevice:
+    """An open, non-persistent layer-3 TUN device. Make one with :meth:`open`.
+
+    Safe to use from several threads: any number of readers and writers, and :meth:`close`
+    from any thread (it wakes every blocked reader).
+    """
+
+    def __init__(self, name: str, fd: int, mtu: int) -> None:
+        """Wrap an already configured TUN descriptor; use :meth:`open` instead."""
+        self._name = name
+        self._fd = fd
+        self._mtu = mtu
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self.dropped_writes = 0
+        """Packets the kernel refused (malformed, too big, no buffer space)."""
+
+    @classmethod
+    def open(cls, name: str, mtu: int) -> TunDevice:
+        """Create TUN device ``name`` with ``mtu`` (or take over a detached one of that name).
+
+        The device is made in the network namespace of the calling thread and is not
+        persistent (a taken-over persistent one is made non-persistent). Raises
+        ``ValueError`` for a bad name or MTU, :class:`TunError` when the kernel refuses (name
+        taken by a busy TUN or by another kind of link, no permission).
+        """
+        validate_ifname(name)
+        if not isinstance(mtu, int) or not 68 <= mtu <= 65535:
+            raise ValueError(f"MTU of {name} must be an integer in 68..65535, got {mtu!r}")
+        try:
+            dev = pytun.TunTapDevice(name=name, flags=pytun.IFF_TUN | pytun.IFF_NO_PI)
+        except OSError as exc:
+            raise TunError(f"cannot open TUN device {name}: {_describe(exc)}") from exc
+        try:
+            # A detached device left by `ip tuntap add` is persistent: attaching keeps that
+            # flag, so clear it - ours must vanish with the last descriptor.
+            dev.persist(False)
+            # SIOCSIFMTU on a socket in the calling thread's namespace (where the device is).
+            dev.mtu = mtu
+            # Own a private duplicate: os.dup makes it close-on-exec (pytun's is inheritable,
+            # and a child process inheriting it would keep the interface alive after we die).
+            fd = os.dup(dev.fileno())
+        except OSError as exc:
+            raise TunError(f"cannot set up TUN device {name}: {_describe(exc)}") from exc
+        finally:
+            dev.close()
+        os.set_blocking(fd, False)
+        return cls(name, fd, mtu)
+
+    # --- attributes -------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def mtu(self) -> int:
+        """The MTU given at :meth:`open` (the router may change the interface's later)."""
+        return self._mtu
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def fileno(self) -> int:
+        """The TUN descriptor (non-blocking). After :meth:`close` it refers to ``/dev/null``."""
+        return self._fd
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"fd={self._fd}"
+        return f"TunDevice({self._name!r}, {state})"
+
+    # --- reading ----------------------------------------------------------------------------
+
+    def read(self, size: int = DEFAULT_READ_SIZE) -> bytes:
+        """Block until one packet arrives and return it (at most ``size`` bytes of it)."""
+        while True:
+            try:
+                data = os.read(self._fd, size)
+            except BlockingIOError:
+                self._wait()
+                continue
+            except OSError as exc:
+                raise self._gone(exc) from exc
+            if data:
+                return data
+            self._empty_read()
+
+    def readinto(self, buf: bytearray | memoryview) -> int:
+        """Block until one packet arrives, copy it into ``buf``; return its length."""
+        while True:
+            try:
+                n = os.readv(self._fd, (buf,))
+            except BlockingIOError:
+                self._wait()
+                continue
+            except OSError as exc:
+                raise self._gone(exc) from exc
+            if n:
+                return n
+            self._empty_read()
+
+    def read_batch(
+        self, max_packets: int = DEFAULT_BATCH, size: int = DEFAULT_READ_SIZE
+    ) -> list[bytes]:
+        """Block for one packet, then take up to ``max_packets - 1`` more that are queued."""
+        packets = [self.read(size)]
+        fd = self._fd
+        try:
+            while len(packets) < max_packets:
+                data = os.read(fd, size)
+                if not data:
+                    break
+                packets.append(data)
+        except OSError:
+            pass  # queue drained (EAGAIN) or device gone: the next read() reports the latter
+        return packets
+
+    def _wait(self) -> None:
+        """Sleep until the TUN descriptor or the self-pipe is readable (or in error)."""
+        if self._closed:
+            raise TunClosed(f"TUN device {self._name} is closed")
+        poller = select.poll()  # one per wait: poll objects refuse concurrent use
+        poller.register(self._fd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        poller.poll()
+        if self._closed:
+            raise TunClosed(f"TUN device {self._name} is closed")
+
+    def _empty_read(self) -> NoReturn:
+        # /dev/null (after close) returns b""; a TUN never hands out an empty packet, so
+        # anything else returning end-of-file is gone too (and must not make readers spin).
+        if self._closed:
+            raise TunClosed(f"TUN device {self._name} is closed")
+        raise TunClosed(f"TUN device {self._name} is gone: end of file")
+
+    def _gone(self, exc: OSError) -> TunClosed:
+        if self._closed:
+            return TunClosed(f"TUN device {self._name} is closed")
+        return TunClosed(f"TUN device {self._name} is gone: {_describe(exc)}")
+
+    # --- writing ----------------------------------------------------------------------------
+
+    def write(self, packet: _Buffer) -> int:
+        """Hand one IP packet to the kernel; returns its length, or 0 if it was dropped.
+
+        Raises only :class:`TunClosed` (after :meth:`close`); a packet the kernel refuses is
+        counted in :attr:`dropped_writes`.
+        """
+        if self._closed:
+            raise TunClosed(f"TUN device {self._name} is closed")
+        try:
+            return os.write(self._fd, packet)
+        except OSError:
+            self.dropped_writes += 1
+            return 0
+
+    def write_batch(self, packets: Iterable[_Buffer]) -> int:
+        """Write each packet; returns how many the kernel took."""
+        if self._closed:
+            raise TunClosed(f"TUN device {self._name} is closed")
+        fd = self._fd
+        written = 0
+        for packet in packets:
+            try:
+                os.write(fd, packet)
+                written += 1
+            except OSError:
+                self.dropped_writes += 1
+        return written
+
+    # --- closing ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the device (the interface disappears) and wake blocked readers. Idempotent."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"x")
+            null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                os.dup2(null, self._fd, inheritable=False)
+            finally:
+                os.close(null)
+
+    def __enter__(self) -> TunDevice:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # Only now may the descriptor numbers be reused: no thread can hold this object.
+        with contextlib.suppress(Exception):
+            self.close()
+        for attr in ("_fd", "_wake_r", "_wake_w"):
+            fd = getattr(self, attr, -1)
+            if fd >= 0:
+                setattr(self, attr, -1)
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+
+def _describe(exc: OSError) -> str:
+    if exc.errno is not None:
+        return f"{errno.errorcode.get(exc.errno, exc.errno)} ({os.strerror(exc.errno)})"
+    return str(exc)
