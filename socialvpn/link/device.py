@@ -151,6 +151,7 @@ class Device:
         self._ratelimiter = Ratelimiter()
         self._load = LoadMonitor()
         self.drops: dict[str, int] = {}
+        self.gro_batches = 0
         self._running = False
         self._stopped = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -345,6 +346,8 @@ class Device:
         view = memoryview(buf)
         recv = self.transport.recv_segments
         dispatch = self._dispatch
+        write_batch = getattr(self.tun, "write_batch", None) or (
+            lambda packets: [self.tun.write(p) for p in packets])
         while self._running:
             try:
                 n, segment, addr = recv(buf)
@@ -355,15 +358,22 @@ class Device:
             if n == 0:
                 continue  # a wake-up, or an empty datagram
             if segment >= n:
-                dispatch(view[:n], addr)
-            else:  # GRO: several datagrams from one sender, back to back
-                for offset in range(0, n, segment):
-                    dispatch(view[offset:min(offset + segment, n)], addr)
+                dispatch(view[:n], addr, None)
+                continue
+            # GRO: several datagrams from one sender, back to back. Their inner packets go to
+            # the TUN device together, so it can merge the segments of a TCP flow.
+            self.gro_batches += 1
+            inner: list[bytes | memoryview] = []
+            for offset in range(0, n, segment):
+                dispatch(view[offset:min(offset + segment, n)], addr, inner)
+            if inner:
+                write_batch(inner)
 
-    def _dispatch(self, data: memoryview, addr: SockAddr) -> None:
+    def _dispatch(self, data: memoryview, addr: SockAddr,
+                  inner: list[bytes | memoryview] | None) -> None:
         n = len(data)
         if n >= MESSAGE_TRANSPORT_SIZE and data[0] == 4 and not (data[1] | data[2] | data[3]):
-            self._receive_transport(data, addr)
+            self._receive_transport(data, addr, inner)
             return
         message = bytes(data)
         kind = classify(message)
@@ -377,7 +387,8 @@ class Device:
         else:
             self._drop("malformed")
 
-    def _receive_transport(self, message: memoryview, addr: SockAddr) -> None:
+    def _receive_transport(self, message: memoryview, addr: SockAddr,
+                           inner: list[bytes | memoryview] | None = None) -> None:
         receiver = int.from_bytes(message[4:8], "little")
         entry = self._index.get(receiver)
         if entry is None or entry[1] is None:
@@ -416,9 +427,12 @@ class Device:
                 length = 0
             if length:
                 if self.routes.source_allowed(peer, plaintext):
-                    self.tun.write(
-                        plaintext if length == len(plaintext) else memoryview(plaintext)[:length]
-                    )
+                    packet = (plaintext if length == len(plaintext)
+                              else memoryview(plaintext)[:length])
+                    if inner is None:
+                        self.tun.write(packet)
+                    else:
+                        inner.append(packet)
                     peer.rx_bytes += length
                     peer.rx_packets += 1
                 else:
@@ -600,4 +614,8 @@ class Device:
             "peers": [self.peer_stats(p) for p in self.peers()],
             "drops": dict(sorted(self.drops.items())),
             "transport_errors": dict(getattr(self.transport, "errors", {})),
+            "tun": self.tun.stats() if hasattr(self.tun, "stats") else {},
+            "udp": {"gso": getattr(self.transport, "gso", False),
+                    "gro": getattr(self.transport, "gro", False),
+                    "gro_batches": self.gro_batches},
         }

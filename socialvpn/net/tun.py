@@ -34,22 +34,30 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import re
 import select
 import threading
+from collections import deque
 from collections.abc import Iterable
 from typing import NoReturn, Protocol, runtime_checkable
 
 import pytun
 
 from ..errors import SocialVPNError
+from . import offload
 
 IFNAMSIZ = 15
 """Usable characters of a Linux interface name."""
 
 DEFAULT_READ_SIZE = 65536
 """Large enough for any packet a TUN hands out (also 64 KB super-packets with offloads)."""
+
+TUNSETOFFLOAD = 0x400454D0
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
 
 DEFAULT_BATCH = 64
 """Most packets :meth:`TunDevice.read_batch` returns per call."""
@@ -123,11 +131,20 @@ class TunDevice:
     from any thread (it wakes every blocked reader).
     """
 
-    def __init__(self, name: str, fd: int, mtu: int) -> None:
+    def __init__(self, name: str, fd: int, mtu: int, offloads: bool = False) -> None:
         """Wrap an already configured TUN descriptor; use :meth:`open` instead."""
         self._name = name
         self._fd = fd
         self._mtu = mtu
+        self.offloads = offloads
+        """True when reads may be TSO super-packets and writes GSO ones (virtio headers)."""
+        self._pending: deque[_Buffer] = deque()  # segments of a split super-packet
+        self.dropped_reads = 0
+        """Frames from the kernel that could not be segmented."""
+        self.super_reads = 0
+        """TSO super-packets read (offloads only)."""
+        self.merged_writes = 0
+        """GSO super-packets written (offloads only)."""
         self._closed = False
         self._close_lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -135,7 +152,7 @@ class TunDevice:
         """Packets the kernel refused (malformed, too big, no buffer space)."""
 
     @classmethod
-    def open(cls, name: str, mtu: int) -> TunDevice:
+    def open(cls, name: str, mtu: int, *, offloads: bool = False) -> TunDevice:
         """Create TUN device ``name`` with ``mtu`` (or take over a detached one of that name).
 
         The device is made in the network namespace of the calling thread and is not
@@ -146,8 +163,9 @@ class TunDevice:
         validate_ifname(name)
         if not isinstance(mtu, int) or not 68 <= mtu <= 65535:
             raise ValueError(f"MTU of {name} must be an integer in 68..65535, got {mtu!r}")
+        flags = pytun.IFF_TUN | pytun.IFF_NO_PI | (pytun.IFF_VNET_HDR if offloads else 0)
         try:
-            dev = pytun.TunTapDevice(name=name, flags=pytun.IFF_TUN | pytun.IFF_NO_PI)
+            dev = pytun.TunTapDevice(name=name, flags=flags)
         except OSError as exc:
             raise TunError(f"cannot open TUN device {name}: {_describe(exc)}") from exc
         try:
@@ -163,8 +181,16 @@ class TunDevice:
             raise TunError(f"cannot set up TUN device {name}: {_describe(exc)}") from exc
         finally:
             dev.close()
+        if offloads:
+            try:
+                # The kernel may now hand us TCP super-packets with partial checksums.
+                fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
+            except OSError:
+                # No offloads here: every frame still carries a (zero) virtio header.
+                with contextlib.suppress(OSError):
+                    fcntl.ioctl(fd, TUNSETOFFLOAD, 0)
         os.set_blocking(fd, False)
-        return cls(name, fd, mtu)
+        return cls(name, fd, mtu, offloads)
 
     # --- attributes -------------------------------------------------------------------------
 
@@ -192,7 +218,32 @@ class TunDevice:
     # --- reading ----------------------------------------------------------------------------
 
     def read(self, size: int = DEFAULT_READ_SIZE) -> bytes:
-        """Block until one packet arrives and return it (at most ``size`` bytes of it)."""
+        """Block until one packet arrives and return it (at most ``size`` bytes of it).
+
+        With offloads, a super-packet from the kernel is split into wire-sized segments and
+        handed out one per call."""
+        if not self.offloads:
+            return self._read_raw(size)
+        while not self._pending:
+            self._split_into_pending(self._read_raw(DEFAULT_READ_SIZE))
+        return bytes(self._pending.popleft())
+
+    def _split_into_pending(self, frame: bytes) -> None:
+        try:
+            segments = offload.split(frame)
+        except offload.OffloadError:
+            self.dropped_reads += 1
+            return
+        if len(segments) > 1:
+            self.super_reads += 1
+        self._pending.extend(segments)
+
+    def stats(self) -> dict[str, int | bool]:
+        return {"offloads": self.offloads, "super_reads": self.super_reads,
+                "merged_writes": self.merged_writes, "dropped_reads": self.dropped_reads,
+                "dropped_writes": self.dropped_writes}
+
+    def _read_raw(self, size: int) -> bytes:
         while True:
             try:
                 data = os.read(self._fd, size)
@@ -207,6 +258,10 @@ class TunDevice:
 
     def readinto(self, buf: bytearray | memoryview) -> int:
         """Block until one packet arrives, copy it into ``buf``; return its length."""
+        if self.offloads:
+            packet = self.read()
+            buf[: len(packet)] = packet
+            return len(packet)
         while True:
             try:
                 n = os.readv(self._fd, (buf,))
@@ -222,17 +277,26 @@ class TunDevice:
     def read_batch(
         self, max_packets: int = DEFAULT_BATCH, size: int = DEFAULT_READ_SIZE
     ) -> list[bytes]:
-        """Block for one packet, then take up to ``max_packets - 1`` more that are queued."""
-        packets = [self.read(size)]
+        """Block for one packet, then take up to ``max_packets - 1`` more that are queued.
+
+        With offloads, ``max_packets`` counts reads from the kernel; the result holds every
+        segment of the super-packets read."""
+        frames = [self._read_raw(size if not self.offloads else DEFAULT_READ_SIZE)]
         fd = self._fd
         try:
-            while len(packets) < max_packets:
+            while len(frames) < max_packets:
                 data = os.read(fd, size)
                 if not data:
                     break
-                packets.append(data)
+                frames.append(data)
         except OSError:
             pass  # queue drained (EAGAIN) or device gone: the next read() reports the latter
+        if not self.offloads:
+            return frames
+        for frame in frames:
+            self._split_into_pending(frame)
+        packets: list[bytes] = list(self._pending)  # type: ignore[arg-type]
+        self._pending.clear()
         return packets
 
     def _wait(self) -> None:
@@ -269,17 +333,31 @@ class TunDevice:
         if self._closed:
             raise TunClosed(f"TUN device {self._name} is closed")
         try:
+            if self.offloads:
+                return os.writev(self._fd, (offload.EMPTY_HDR, packet)) - offload.VNET_HDR_LEN
             return os.write(self._fd, packet)
         except OSError:
             self.dropped_writes += 1
             return 0
 
     def write_batch(self, packets: Iterable[_Buffer]) -> int:
-        """Write each packet; returns how many the kernel took."""
+        """Write each packet; returns how many the kernel took. With offloads, consecutive
+        segments of one TCP flow go to the kernel as one GSO super-packet (one write, one
+        pass through the receiving stack)."""
         if self._closed:
             raise TunClosed(f"TUN device {self._name} is closed")
         fd = self._fd
         written = 0
+        if self.offloads:
+            for buffers in offload.coalesce(packets):
+                try:
+                    os.writev(fd, buffers)
+                    written += 1
+                    if len(buffers) > 2:
+                        self.merged_writes += 1
+                except OSError:
+                    self.dropped_writes += 1
+            return written
         for packet in packets:
             try:
                 os.write(fd, packet)

@@ -50,7 +50,7 @@ def run(spec_path: Path) -> int:
     spec: dict[str, Any] = json.loads(spec_path.read_text())
     timers = LinkTimers(**spec.get("timers", {}))
     mtu = int(spec.get("mtu", 1380))
-    tun = TunDevice.open(spec["tun"], mtu)
+    tun = TunDevice.open(spec["tun"], mtu, offloads=bool(spec.get("offloads", True)))
     router = Router()
     router.apply(InterfaceSpec(name=spec["tun"], mtu=mtu,
                                addresses=tuple(spec.get("addresses", [])),
