@@ -50,20 +50,26 @@ def wireguard_go(lab: NetLab, tmp: Path) -> tuple[Netns, Netns, str, list[Any]]:
     return a, b, "10.9.0.2", [wa, wb]
 
 
-def socialvpn(lab: NetLab, tmp: Path) -> tuple[Netns, Netns, str, list[Any]]:
+def socialvpn(lab: NetLab, tmp: Path, offloads: bool = True
+              ) -> tuple[Netns, Netns, str, list[Any]]:
     a, b, _, _ = raw_veth(lab, tmp)
     ka, kb = KeyPair.generate(), KeyPair.generate()
-    la = OurLink(a, tmp, ka, "10.9.0.1/24", port=51821,
+    la = OurLink(a, tmp, ka, "10.9.0.1/24", port=51821, offloads=offloads,
                  peers=[LinkPeer(kb.public, ["10.9.0.2/32"], "10.0.0.2:51822")])
-    lb = OurLink(b, tmp, kb, "10.9.0.2/24", port=51822,
+    lb = OurLink(b, tmp, kb, "10.9.0.2/24", port=51822, offloads=offloads,
                  peers=[LinkPeer(ka.public, ["10.9.0.1/32"], "10.0.0.1:51821")])
     la.start()
     lb.start()
     return a, b, "10.9.0.2", [la, lb]
 
 
+def socialvpn_per_packet(lab: NetLab, tmp: Path) -> tuple[Netns, Netns, str, list[Any]]:
+    return socialvpn(lab, tmp, offloads=False)
+
+
 SETUPS: dict[str, Setup] = {"raw veth": raw_veth, "wireguard-go": wireguard_go,
-                            "socialvpn": socialvpn}
+                            "socialvpn": socialvpn,
+                            "socialvpn, no TUN offloads": socialvpn_per_packet}
 
 
 def measure(setup: Setup, seconds: float) -> dict[str, float]:
@@ -107,6 +113,8 @@ def main() -> None:
                for name, rs in runs.items()}
     ratios = [o["tcp1"] / w["tcp1"] for o, w in zip(runs["socialvpn"], runs["wireguard-go"],
                                                       strict=True)]
+    plain = [o["tcp1"] / w["tcp1"] for o, w in zip(runs["socialvpn, no TUN offloads"],
+                                                     runs["wireguard-go"], strict=True)]
     ref = results["wireguard-go"]
     lines = [
         f"## Link throughput and latency (iperf3 {args.seconds:.0f} s, median of "
@@ -122,7 +130,9 @@ def main() -> None:
             f"({r['udp_loss']:.1f} %) | {r['rtt']:.3f} | {r['tcp1'] / ref['tcp1']:.2f}x |")
     lines += ["", "socialvpn / wireguard-go, TCP 1 stream, per round: "
               + ", ".join(f"{r:.2f}x" for r in ratios)
-              + f" (median {statistics.median(ratios):.2f}x)"]
+              + f" (median {statistics.median(ratios):.2f}x); without TUN offloads: "
+              + ", ".join(f"{r:.2f}x" for r in plain)
+              + f" (median {statistics.median(plain):.2f}x)"]
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -65,6 +65,7 @@ class OurLink:
     mtu: int = 1380
     peers: list[LinkPeer] = field(default_factory=list)
     timers: dict[str, float] = field(default_factory=dict)
+    offloads: bool = True
     proc: subprocess.Popen[str] | None = None
 
     @property
@@ -81,6 +82,7 @@ class OurLink:
             "private_key": self.keys.private, "listen_port": self.port, "tun": self.tun,
             "mtu": self.mtu, "addresses": [self.address],
             "peers": [p.__dict__ for p in self.peers], "timers": self.timers,
+            "offloads": self.offloads,
         }
         self.spec_path.write_text(json.dumps(spec))
         log = (self.workdir / f"link-{self.ns.short}.log").open("w")
