@@ -1,65 +1,23 @@
-"""Two link devices in one process over real loopback UDP, with in-memory TUN twins."""
+"""Two link devices in one process over real loopback UDP, with the in-memory TUN twin
+(net/fake.py) and the real cryptokey routing table."""
 
 from __future__ import annotations
 
 import ipaddress
-import queue
 import struct
 import time
-from collections.abc import Iterable
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from socialvpn.link.constants import LinkTimers
-from socialvpn.link.device import Device, Peer, PeerConfig
+from socialvpn.link.device import Device, PeerConfig
 from socialvpn.link.transport import UdpTransport
+from socialvpn.net.fake import FakeTun
+from socialvpn.net.packet_router import PacketRouter
 
 pytestmark = pytest.mark.component
-
-
-class QueueTun:
-    def __init__(self) -> None:
-        self.inbound: queue.Queue[bytes | None] = queue.Queue()
-        self.written: queue.Queue[bytes] = queue.Queue()
-
-    def read(self, size: int = 65536) -> bytes:
-        item = self.inbound.get()
-        if item is None:
-            raise OSError("closed")
-        return item
-
-    def write(self, packet: bytes | bytearray | memoryview) -> int:
-        self.written.put(bytes(packet))
-        return len(packet)
-
-    def close(self) -> None:
-        self.inbound.put(None)
-
-
-class SimpleRoutes:
-    def __init__(self) -> None:
-        self.table: dict[Peer, list[ipaddress.IPv4Network]] = {}
-
-    def set_allowed(self, peer: Peer, prefixes: Iterable[str]) -> None:
-        self.table[peer] = [ipaddress.ip_network(p) for p in prefixes]
-
-    def remove(self, peer: Peer) -> None:
-        self.table.pop(peer, None)
-
-    def _find(self, addr: bytes) -> Peer | None:
-        ip = ipaddress.ip_address(addr)
-        for peer, nets in self.table.items():
-            if any(ip in n for n in nets):
-                return peer
-        return None
-
-    def peer_for_destination(self, packet: bytes | bytearray | memoryview) -> Peer | None:
-        return self._find(bytes(packet[16:20]))
-
-    def source_allowed(self, peer: Peer, packet: bytes | bytearray | memoryview) -> bool:
-        return self._find(bytes(packet[12:16])) is peer
 
 
 def ipv4(src: str, dst: str, payload: bytes) -> bytes:
@@ -82,8 +40,8 @@ def pair():
                         keepalive_timeout=0.5)
     (ka, pa), (kb, pb) = keypair(), keypair()
     ta, tb = UdpTransport(0, "127.0.0.1"), UdpTransport(0, "127.0.0.1")
-    a = Device(ka, QueueTun(), ta, SimpleRoutes(), timers=timers)
-    b = Device(kb, QueueTun(), tb, SimpleRoutes(), timers=timers)
+    a = Device(ka, FakeTun(capacity=10000), ta, PacketRouter(), timers=timers)
+    b = Device(kb, FakeTun(capacity=10000), tb, PacketRouter(), timers=timers)
     a.add_peer(PeerConfig(pb, ("10.9.0.2/32",), ("127.0.0.1", tb.port)))
     b.add_peer(PeerConfig(pa, ("10.9.0.1/32",), ("127.0.0.1", ta.port)))
     a.start()
@@ -98,22 +56,22 @@ def pair():
 def test_handshake_and_data_both_ways(pair):
     a, b = pair
     for i in range(50):
-        a.tun.inbound.put(ipv4("10.9.0.1", "10.9.0.2", b"ping %d" % i))
-    got = [b.tun.written.get(timeout=5) for _ in range(50)]
+        a.tun.inject(ipv4("10.9.0.1", "10.9.0.2", b"ping %d" % i))
+    got = [b.tun.take_written(timeout=5) for _ in range(50)]
     assert got[0].endswith(b"ping 0") and got[-1].endswith(b"ping 49")
-    b.tun.inbound.put(ipv4("10.9.0.2", "10.9.0.1", b"pong"))
-    assert a.tun.written.get(timeout=5).endswith(b"pong")
+    b.tun.inject(ipv4("10.9.0.2", "10.9.0.1", b"pong"))
+    assert a.tun.take_written(timeout=5).endswith(b"pong")
     sa = a.stats()["peers"][0]
     assert sa["handshakes"] == 1 and sa["tx_packets"] == 50 and sa["rx_packets"] == 1
 
 
 def test_spoofed_inner_source_dropped(pair):
     a, b = pair
-    a.tun.inbound.put(ipv4("10.9.0.1", "10.9.0.2", b"ok"))
-    assert b.tun.written.get(timeout=5).endswith(b"ok")
-    a.tun.inbound.put(ipv4("10.9.0.77", "10.9.0.2", b"spoof"))
-    a.tun.inbound.put(ipv4("10.9.0.1", "10.9.0.2", b"after"))
-    assert b.tun.written.get(timeout=5).endswith(b"after")
+    a.tun.inject(ipv4("10.9.0.1", "10.9.0.2", b"ok"))
+    assert b.tun.take_written(timeout=5).endswith(b"ok")
+    a.tun.inject(ipv4("10.9.0.77", "10.9.0.2", b"spoof"))
+    a.tun.inject(ipv4("10.9.0.1", "10.9.0.2", b"after"))
+    assert b.tun.take_written(timeout=5).endswith(b"after")
     assert b.drops.get("source") == 1
 
 
@@ -122,14 +80,14 @@ def test_rekey_under_traffic_loses_nothing(pair):
     n = 0
     deadline = time.monotonic() + 3.0  # rekey_after_time is 1 s: at least two rekeys
     while time.monotonic() < deadline:
-        a.tun.inbound.put(ipv4("10.9.0.1", "10.9.0.2", b"%d" % n))
+        a.tun.inject(ipv4("10.9.0.1", "10.9.0.2", b"%d" % n))
         n += 1
         time.sleep(0.002)
         if n % 100 == 0:
-            b.tun.inbound.put(ipv4("10.9.0.2", "10.9.0.1", b"ack"))
+            b.tun.inject(ipv4("10.9.0.2", "10.9.0.1", b"ack"))
     got = set()
     for _ in range(n):
-        got.add(b.tun.written.get(timeout=5)[20:])
+        got.add(b.tun.take_written(timeout=5)[20:])
     assert len(got) == n
     assert a.stats()["peers"][0]["handshakes"] >= 2
 
@@ -159,8 +117,8 @@ def test_forged_and_replayed_packets_change_nothing():
     timers = LinkTimers()
     (ka, pa), (kb, pb) = keypair(), keypair()
     ta, tb = Tap(UdpTransport(0, "127.0.0.1")), UdpTransport(0, "127.0.0.1")
-    a = Device(ka, QueueTun(), ta, SimpleRoutes(), timers=timers)
-    b = Device(kb, QueueTun(), tb, SimpleRoutes(), timers=timers)
+    a = Device(ka, FakeTun(capacity=10000), ta, PacketRouter(), timers=timers)
+    b = Device(kb, FakeTun(capacity=10000), tb, PacketRouter(), timers=timers)
     a.add_peer(PeerConfig(pb, ("10.9.0.2/32",), ("127.0.0.1", tb.port)))
     b.add_peer(PeerConfig(pa, ("10.9.0.1/32",), ("127.0.0.1", ta.port)))
     a.start()
@@ -168,8 +126,8 @@ def test_forged_and_replayed_packets_change_nothing():
     attacker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     attacker.bind(("127.0.0.1", 0))
     try:
-        a.tun.inbound.put(ipv4("10.9.0.1", "10.9.0.2", b"first"))
-        assert b.tun.written.get(timeout=5).endswith(b"first")
+        a.tun.inject(ipv4("10.9.0.1", "10.9.0.2", b"first"))
+        assert b.tun.take_written(timeout=5).endswith(b"first")
         endpoint = b.stats()["peers"][0]["endpoint"]
         initiation = next(m for m in ta.sent if m[0] == 1)
         data = [m for m in ta.sent if m[0] == 4 and len(m) > 32][-1]
@@ -186,10 +144,10 @@ def test_forged_and_replayed_packets_change_nothing():
         stats = b.stats()["peers"][0]
         assert stats["endpoint"] == endpoint and stats["endpoint_changes"] == 0
         assert stats["handshakes"] == 1
-        assert b.tun.written.empty()
+        assert b.tun.written_packets() == []
         # The session still works.
-        a.tun.inbound.put(ipv4("10.9.0.1", "10.9.0.2", b"second"))
-        assert b.tun.written.get(timeout=5).endswith(b"second")
+        a.tun.inject(ipv4("10.9.0.1", "10.9.0.2", b"second"))
+        assert b.tun.take_written(timeout=5).endswith(b"second")
     finally:
         attacker.close()
         a.stop()

@@ -21,6 +21,7 @@ PKG = Path(__file__).resolve().parents[2] / "socialvpn"
 PURE_CORES = [
     "groups.py", "config.py", "xmpp/signal.py", "link/packet.py", "link/noise.py",
     "link/session.py", "link/timers.py", "link/ratelimit.py", "link/constants.py",
+    "net/packet_router.py", "net/offload.py",
 ]
 IO_LIBRARIES = {"asyncio", "socket", "slixmpp", "aioice", "pyroute2", "aiohttp", "pytun",
                 "selectors", "ssl"}
