@@ -55,3 +55,4 @@ clean:
 # Measurements (ratios against peers where there are peers; see bench/).
 bench: deps
 	$(PY) -m bench.signin --runs 5 --out bench/results/signin.md
+	$(PY) -m bench.throughput --rounds 3 --out bench/results/throughput.md

@@ -34,23 +34,31 @@ def keypair() -> tuple[bytes, bytes]:
     return k.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()), public_bytes(k)
 
 
-@pytest.fixture
-def pair():
-    timers = LinkTimers(rekey_after_time=1.0, reject_after_time=3.0, rekey_timeout=0.5,
-                        keepalive_timeout=0.5)
+def make_pair(timers: LinkTimers, wrap=lambda t: t) -> tuple[Device, Device]:
+    """Two started devices over loopback UDP: a = 10.9.0.1, b = 10.9.0.2."""
     (ka, pa), (kb, pb) = keypair(), keypair()
-    ta, tb = UdpTransport(0, "127.0.0.1"), UdpTransport(0, "127.0.0.1")
+    ta, tb = wrap(UdpTransport(0, "127.0.0.1")), UdpTransport(0, "127.0.0.1")
     a = Device(ka, FakeTun(capacity=10000), ta, PacketRouter(), timers=timers)
     b = Device(kb, FakeTun(capacity=10000), tb, PacketRouter(), timers=timers)
     a.add_peer(PeerConfig(pb, ("10.9.0.2/32",), ("127.0.0.1", tb.port)))
     b.add_peer(PeerConfig(pa, ("10.9.0.1/32",), ("127.0.0.1", ta.port)))
     a.start()
     b.start()
+    return a, b
+
+
+def stop_pair(a: Device, b: Device) -> None:
+    for d in (a, b):
+        d.stop()
+        d.transport.close()
+
+
+@pytest.fixture
+def pair():
+    a, b = make_pair(LinkTimers(rekey_after_time=1.0, reject_after_time=3.0, rekey_timeout=0.5,
+                                keepalive_timeout=0.5))
     yield a, b
-    a.stop()
-    b.stop()
-    ta.close()
-    tb.close()
+    stop_pair(a, b)
 
 
 def test_handshake_and_data_both_ways(pair):
@@ -114,15 +122,8 @@ class Tap:
 def test_forged_and_replayed_packets_change_nothing():
     import socket
 
-    timers = LinkTimers()
-    (ka, pa), (kb, pb) = keypair(), keypair()
-    ta, tb = Tap(UdpTransport(0, "127.0.0.1")), UdpTransport(0, "127.0.0.1")
-    a = Device(ka, FakeTun(capacity=10000), ta, PacketRouter(), timers=timers)
-    b = Device(kb, FakeTun(capacity=10000), tb, PacketRouter(), timers=timers)
-    a.add_peer(PeerConfig(pb, ("10.9.0.2/32",), ("127.0.0.1", tb.port)))
-    b.add_peer(PeerConfig(pa, ("10.9.0.1/32",), ("127.0.0.1", ta.port)))
-    a.start()
-    b.start()
+    a, b = make_pair(LinkTimers(), Tap)
+    ta, tb = a.transport, b.transport
     attacker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     attacker.bind(("127.0.0.1", 0))
     try:
@@ -150,7 +151,4 @@ def test_forged_and_replayed_packets_change_nothing():
         assert b.tun.take_written(timeout=5).endswith(b"second")
     finally:
         attacker.close()
-        a.stop()
-        b.stop()
-        ta.close()
-        tb.close()
+        stop_pair(a, b)

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from tests.kit.agents import wait_for
+from tests.kit.agents import befriend, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -65,11 +65,7 @@ def test_reject_and_remove(prosody_tls, agent_factory, unique_user):
     assert again.returncode == 1 and "no pending friend request" in again.stderr
 
     # Become friends, then remove: both sides drop to "none"/gone.
-    carol.json("friend", "add", dave.jid)
-    wait_for(lambda: dave.json("requests")["friends"], 10, "dave to see the second request")
-    dave.json("accept", carol.jid)
-    wait_for(lambda: (f := _friend(carol, dave.jid)) and f["subscription"] == "both", 10,
-             "friendship")
+    befriend(carol, dave)
     assert carol.json("friend", "remove", dave.jid)["result"] == "removed"
     wait_for(lambda: _friend(carol, dave.jid) is None, 10, "carol's roster to drop dave")
     wait_for(lambda: (f := _friend(dave, carol.jid)) is None or f["subscription"] == "none",

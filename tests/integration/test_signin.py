@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.kit.agents import wait_for
+from tests.kit.agents import befriend, wait_for
 from tests.kit.ca import unknown_ca_server_cert
 
 pytestmark = pytest.mark.integration
@@ -77,11 +77,7 @@ def test_server_outage_and_return(prosody_factory, agent_factory, unique_user):
     bob = agent_factory(server, unique_user("bob"))
     alice.wait_connected()
     bob.wait_connected()
-    alice.json("friend", "add", bob.jid)
-    wait_for(lambda: bob.json("requests")["friends"], 10, "the request")
-    bob.json("accept", alice.jid)
-    wait_for(lambda: all((f := a.json("friends")) and f[0]["subscription"] == "both"
-                         and f[0]["devices"] for a in (alice, bob)), 10, "friendship")
+    befriend(alice, bob)
 
     server.stop()
     for agent in (alice, bob):

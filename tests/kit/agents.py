@@ -181,3 +181,22 @@ def wait_for(
         time.sleep(interval)
     extra = f"\n{diagnostics()}" if diagnostics else ""
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}{extra}")
+
+
+def befriend(a: AgentProc, b: AgentProc, timeout: float = 10.0) -> None:
+    """The real CLI flow: ``a`` sends a friend request, ``b`` sees it and accepts; returns once
+    both list each other with subscription ``both`` and a device."""
+    a.json("friend", "add", b.jid)
+    wait_for(lambda: any(r["jid"] == a.jid for r in b.json("requests")["friends"]), timeout,
+             f"{b.jid} to see the request of {a.jid}", b.log_tail)
+    b.json("accept", a.jid)
+
+    def mutual() -> bool:
+        for x, y in ((a, b), (b, a)):
+            f = next((f for f in x.json("friends") if f["jid"] == y.jid), None)
+            if not (f and f["subscription"] == "both" and f["devices"]):
+                return False
+        return True
+
+    wait_for(mutual, timeout, f"{a.jid} and {b.jid} to be friends",
+             lambda: a.log_tail() + "\n" + b.log_tail())
