@@ -186,9 +186,9 @@ def parse_candidate(text: object) -> RemoteCandidate:
         raise ProtocolError("candidate is not text", "malformed")
     if len(text) > MAX_CANDIDATE_LENGTH:
         raise ProtocolError("candidate too long", "oversize")
-    if not text.isascii() or not text.isprintable():
-        raise ProtocolError("candidate has control or non-ASCII characters", "malformed")
     line = text.strip()
+    if not line.isascii() or not line.isprintable():
+        raise ProtocolError("candidate has control or non-ASCII characters", "malformed")
     for prefix in ("a=candidate:", "candidate:"):
         if line.startswith(prefix):
             line = line[len(prefix):]
@@ -435,6 +435,8 @@ class IceSession:
         self.failure_reason: str | None = None
         self.rejected: dict[str, int] = {}
         """Remote input dropped, by reason (``malformed``, ``address``, ``too-many``...)."""
+        self.drops: dict[str, int] = {}
+        """Datagrams dropped on the data path, by reason (``recv-queue-full``...)."""
         self.warnings: list[str] = []
         self.result: IceResult | None = None
         self._local: list[str] | None = None
@@ -468,14 +470,18 @@ class IceSession:
             "local_candidates": len(self._local or ()),
             "remote_candidates": self._accepted,
             "rejected": dict(sorted(self.rejected.items())),
+            "drops": dict(sorted(self.drops.items())),
             "connected": self.connected,
             "failure": self.failure_reason,
             "path": self.result.path if self.result else None,
             "transport_errors": dict(self._transport.errors) if self._transport else {},
         }
 
-    def _reject(self, reason: str, n: int = 1) -> None:
-        self.rejected[reason] = self.rejected.get(reason, 0) + n
+    def _reject(self, reason: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+    def _drop(self, reason: str) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + 1
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -752,7 +758,7 @@ class IceSession:
                     try:
                         self._rx.put_nowait(data)
                     except asyncio.QueueFull:
-                        self._reject("recv-queue-full")
+                        self._drop("recv-queue-full")
         except ConnectionError:
             if not self._closing:
                 self._lost("connection-lost")
@@ -791,12 +797,12 @@ class IceSession:
     def _send_now(self, data: bytes) -> None:
         pair = self._conn._nominated.get(1)
         if pair is None or self._closing:
-            self._reject("send-not-connected")
+            self._drop("send-not-connected")
             return
         try:
             pair.protocol.transport.sendto(data, pair.remote_addr)
         except OSError:
-            self._reject("send-error")
+            self._drop("send-error")
 
     async def send(self, data: bytes) -> None:
         """Send one datagram on the selected pair (via the relay on a TURN path)."""
@@ -810,7 +816,7 @@ class IceSession:
         if self._transport is not None:
             raise RuntimeError("IceSession.recv() while an IceTransport owns the data path")
         if not self._connected:
-            raise IceFailed("not-connected")
+            raise IceFailed(self.failure_reason or "not-connected")
         if self._closing and self._rx.empty():
             raise IceFailed(self.failure_reason or "closed")
         data = await self._rx.get()
