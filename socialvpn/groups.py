@@ -54,7 +54,7 @@ MAX_DEVICES_PER_MEMBER = 16
 MAX_EPOCH = 2**53 - 1                # exact in every JSON implementation
 SIGNATURE_LEN = 64                   # Ed25519
 GID_BYTES = 16
-GROUP_NAME_MAX = 11                  # "svpn-" + name fits IFNAMSIZ (15 usable characters)
+GROUP_NAME_MAX = 10                  # "svpn-" + name fits IFNAMSIZ: 15 characters + NUL
 SUBNET4_MIN_PREFIX = 16
 SUBNET4_MAX_PREFIX = 29
 _SIG_B64_LEN = 88
@@ -64,7 +64,7 @@ MAX_CANONICAL_BYTES = MAX_DOCUMENT_BYTES - WIRE_OVERHEAD
 _PRIVATE4 = tuple(ipaddress.IPv4Network(n) for n in
                   ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10"))
 _GID_RE = re.compile(r"[0-9a-f]{32}")
-_GROUP_NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,10}")
+_GROUP_NAME_RE = re.compile(rf"[a-z][a-z0-9-]{{0,{GROUP_NAME_MAX - 1}}}")
 _DEVICE_ID_RE = re.compile(rf"[a-z2-7]{{{DEVICE_ID_LEN}}}")
 _DOC_KEYS = frozenset({"v", "gid", "name", "owner", "owner_jid", "owner_sign_key", "epoch",
                        "subnet4", "prefix6", "members"})
