@@ -8,18 +8,21 @@ API's questions from what the parts report.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import logging
 import os
 import time
 from typing import Any
 
-from . import __version__
+from . import __version__, groups
 from .config import Config
-from .errors import APIError, StateError
+from .errors import APIError, ProtocolError, StateError
 from .events import Counters, EventBus
 from .keys import DeviceKeys, b64
-from .state import REQUESTS_FILE, StateDir
+from .state import GROUPS_FILE, REQUESTS_FILE, StateDir
 from .web.app import APIServer
+from .xmpp import stanzas
 from .xmpp.client import ConnectionStatus, XmppClient, XmppListener
 from .xmpp.stanzas import DeviceInfo
 
@@ -27,8 +30,52 @@ log = logging.getLogger("socialvpn.agent")
 
 INTERFACE_PREFIX = "svpn-"  # every TUN device the agent makes is named svpn-<group>
 
-MAX_PENDING_REQUESTS = 1000  # a flood of friend requests cannot grow the state file forever
+MAX_PENDING_REQUESTS = 1000  # a flood of requests cannot grow the state files forever
 DROP_LOG_INTERVAL = 10.0  # at most one log line per reason per interval
+
+
+class GroupBook:
+    """This device's groups: signed documents with pinned owner keys, the join requests and
+    invitations waiting for the person, and the joins we asked for. Persisted in
+    ``groups.json`` (0600); every change is written before it is acted on."""
+
+    def __init__(self, state: StateDir) -> None:
+        self.state = state
+        data = state.read_json(GROUPS_FILE, {"version": 1})
+        if not isinstance(data, dict) or data.get("version") != 1:
+            raise StateError(f"{state.path / GROUPS_FILE}: corrupt (unknown format)")
+        try:
+            self.groups: dict[str, tuple[str, groups.SignedDocument]] = {
+                gid: (g["pin"], groups.SignedDocument.from_wire(base64.b64decode(g["doc"])))
+                for gid, g in data.get("groups", {}).items()
+            }
+        except (KeyError, TypeError, ValueError, ProtocolError) as exc:
+            raise StateError(f"{state.path / GROUPS_FILE}: corrupt group: {exc}") from None
+        self.joins: list[dict[str, Any]] = list(data.get("joins", []))
+        self.invitations: list[dict[str, Any]] = list(data.get("invitations", []))
+        self.asked: list[dict[str, Any]] = list(data.get("asked", []))  # joins we sent
+        self.invited: list[dict[str, Any]] = list(data.get("invited", []))  # invites we sent
+
+    def save(self) -> None:
+        self.state.write_json(GROUPS_FILE, {
+            "version": 1,
+            "groups": {gid: {"pin": pin, "doc": base64.b64encode(s.to_wire()).decode()}
+                       for gid, (pin, s) in sorted(self.groups.items())},
+            "joins": self.joins, "invitations": self.invitations,
+            "asked": self.asked, "invited": self.invited,
+        })
+
+    def doc(self, gid: str) -> groups.MembershipDocument:
+        return self.groups[gid][1].doc
+
+    def by_name(self, name: str) -> str | None:
+        for gid, (_, signed) in self.groups.items():
+            if signed.doc.name == name:
+                return gid
+        return None
+
+    def docs(self) -> list[groups.MembershipDocument]:
+        return [s.doc for _, s in self.groups.values()]
 
 
 class Agent(XmppListener):
@@ -44,6 +91,8 @@ class Agent(XmppListener):
         self.xmpp = XmppClient(cfg, password, self.device, self)
         self.api = APIServer(self, state.api_socket)
         self._requests: dict[str, dict[str, Any]] = self._load_requests()
+        self.book = GroupBook(state)
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._drop_logged: dict[str, float] = {}
         self.running = False
         # Set when the agent cannot go on (the server refused the password at start-up).
@@ -60,6 +109,8 @@ class Agent(XmppListener):
 
     async def stop(self) -> None:
         self.running = False
+        for task in list(self._tasks):
+            task.cancel()
         await self.xmpp.stop()
         await self.api.stop()
 
@@ -91,6 +142,7 @@ class Agent(XmppListener):
     def signed_in(self) -> None:
         self.counters.add("xmpp_sign_ins")
         self._prune_requests()
+        self._catch_up()
 
     def auth_failed(self, reason: str, ever_connected: bool) -> None:
         self.counters.add("xmpp_auth_failures")
@@ -148,6 +200,362 @@ class Agent(XmppListener):
         if changed:
             self._save_requests()
 
+    # --- groups: what other devices ask of us ---------------------------------------------
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def group_request(self, op: stanzas.GroupOp, sender: str) -> bytes | None:
+        bare, _, resource = sender.partition("/")
+        if isinstance(op, stanzas.MembershipFetch):
+            return self._serve_document(op.gid, bare, resource)
+        if isinstance(op, stanzas.MembershipPush):
+            self._receive_document(op.document, sender)
+            return None
+        if isinstance(op, stanzas.JoinRequest):
+            if resource != f"svpn-{op.device.id}":
+                raise ProtocolError("the device in the request is not the sender", "refused")
+            self._receive_join(op, bare)
+            return None
+        if isinstance(op, stanzas.Invitation):
+            if resource != f"svpn-{op.owner_device}":
+                raise ProtocolError("the invitation's owner device is not the sender", "refused")
+            self._receive_invitation(op, bare)
+            return None
+        if isinstance(op, stanzas.Leave):
+            self._receive_leave(op.gid, bare, resource)
+            return None
+        raise ProtocolError("unknown group operation", "unknown")
+
+    def _is_friend(self, jid: str) -> bool:
+        if jid == self.cfg.account.jid:
+            return True
+        return any(r.jid == jid and r.subscription == "both" for r in self.xmpp.roster())
+
+    def _owned(self, gid: str) -> bool:
+        return gid in self.book.groups and self.book.doc(gid).owner == self.device.id
+
+    def _serve_document(self, gid: str, bare: str, resource: str) -> bytes:
+        if gid not in self.book.groups:
+            raise ProtocolError("no such group here", "unknown-group")
+        doc = self.book.doc(gid)
+        found = doc.device(resource.removeprefix("svpn-"))
+        if found is None or found[0] != bare:
+            raise ProtocolError("the document is only for members", "not-member")
+        return self.book.groups[gid][1].to_wire()
+
+    def _receive_join(self, op: stanzas.JoinRequest, bare: str) -> None:
+        gid = self.book.by_name(op.group)
+        if gid is None or not self._owned(gid) or (op.gid and op.gid != gid):
+            raise ProtocolError(f"no group {op.group!r} owned here", "unknown-group")
+        doc = self.book.doc(gid)
+        if doc.device(op.device.id) is not None:
+            self._spawn(self._push(gid, extra=()))  # already in: send the document again
+            return
+        if any(i["gid"] == gid and i["jid"] == bare for i in self.book.invited):
+            log.info("%s accepted the invitation to %s", bare, op.group)
+            self.book.invited = [i for i in self.book.invited
+                                 if not (i["gid"] == gid and i["jid"] == bare)]
+            self._admit(gid, bare, [op.device])
+            return
+        if any(j["gid"] == gid and j["device"]["id"] == op.device.id for j in self.book.joins):
+            return
+        if len(self.book.joins) >= MAX_PENDING_REQUESTS:
+            raise ProtocolError("too many pending join requests", "full")
+        self.book.joins.append({"jid": bare, "group": op.group, "gid": gid,
+                                "device": op.device.to_json(), "received_at": time.time()})
+        self.book.save()
+        log.info("join request from %s (%s) for %s: decide with `socialvpn accept %s "
+                 "--group %s`", bare, op.device.name, op.group, bare, op.group)
+        self.events.publish("request.new", jid=bare, kind="join", group=op.group)
+
+    def _receive_invitation(self, op: stanzas.Invitation, bare: str) -> None:
+        if not self._is_friend(bare):
+            raise ProtocolError("invitations are taken from friends only", "refused")
+        if op.gid in self.book.groups or any(i["gid"] == op.gid for i in self.book.invitations):
+            return
+        if len(self.book.invitations) >= MAX_PENDING_REQUESTS:
+            raise ProtocolError("too many pending invitations", "full")
+        self.book.invitations.append({
+            "jid": bare, "group": op.name, "gid": op.gid, "owner_key": op.owner_sign_key,
+            "owner_device": op.owner_device, "received_at": time.time()})
+        self.book.save()
+        log.info("invitation from %s to group %s (owner key %s): decide with `socialvpn "
+                 "accept %s --group %s`", bare, op.name, key_fingerprint(op.owner_sign_key),
+                 bare, op.name)
+        self.events.publish("request.new", jid=bare, kind="invitation", group=op.name)
+
+    def _receive_document(self, wire: bytes, sender: str) -> None:
+        signed = groups.SignedDocument.from_wire(wire)
+        gid = signed.doc.gid
+        if gid in self.book.groups:
+            pin, current = self.book.groups[gid]
+            doc = groups.accept_update(current.doc, pin, signed)
+        else:
+            asked = next((a for a in self.book.asked
+                          if a.get("gid") == gid or (not a.get("gid")
+                                                     and a["jid"] == signed.doc.owner_jid
+                                                     and a["group"] == signed.doc.name)), None)
+            if asked is None:
+                raise ProtocolError("a membership document nobody asked for", "refused")
+            # Trust on first use for a join we asked for; the invitation's key otherwise.
+            pin = asked.get("owner_key") or signed.doc.owner_sign_key
+            doc = groups.accept_update(None, pin, signed)
+            if doc.device(self.device.id) is None:
+                return  # not admitted (yet): keep asking
+            self.book.asked.remove(asked)
+            log.info("joined group %s of %s (owner key %s)", doc.name, doc.owner_jid,
+                     key_fingerprint(pin))
+        if doc.device(self.device.id) is None:
+            del self.book.groups[gid]
+            self.book.save()
+            log.warning("removed from group %s by its owner", doc.name)
+            self.events.publish("group.removed", gid=gid, name=doc.name)
+            return
+        self.book.groups[gid] = (pin, signed)
+        self.book.save()
+        self.events.publish("group.changed", gid=gid, name=doc.name, epoch=doc.epoch)
+
+    def _receive_leave(self, gid: str, bare: str, resource: str) -> None:
+        if not self._owned(gid):
+            raise ProtocolError("not the owner of that group", "unknown-group")
+        device_id = resource.removeprefix("svpn-")
+        found = self.book.doc(gid).device(device_id)
+        if found is None or found[0] != bare:
+            return
+        self._change(gid, groups.remove_device(self.book.doc(gid), device_id),
+                     also=[(bare, device_id)])
+
+    def device_seen(self, full_jid: str, device: DeviceInfo) -> None:
+        """A device came online: the owner brings it up to date."""
+        bare = full_jid.split("/", 1)[0]
+        for gid in list(self.book.groups):
+            if self._owned(gid):
+                found = self.book.doc(gid).device(device.id)
+                if found is not None and found[0] == bare:
+                    self._spawn(self._send_document(gid, full_jid))
+
+    def _catch_up(self) -> None:
+        """After signing in: fetch every group's document from its owner (we may have missed
+        changes), and ask again for joins still unanswered."""
+        for gid in list(self.book.groups):
+            doc = self.book.doc(gid)
+            if doc.owner != self.device.id:
+                self._spawn(self._fetch(gid, f"{doc.owner_jid}/svpn-{doc.owner}"))
+        for asked in list(self.book.asked):
+            self._spawn(self._ask_join(asked))
+
+    async def _fetch(self, gid: str, owner: str) -> None:
+        try:
+            wire = await self.xmpp.send_group_op(owner, stanzas.MembershipFetch(gid))
+            if wire:
+                self._receive_document(wire, owner)
+        except (APIError, ProtocolError) as exc:
+            log.info("could not refresh group %s from %s: %s", gid[:8], owner, exc)
+
+    # --- groups: owner side ---------------------------------------------------------------
+
+    def _admit(self, gid: str, jid: str, devices: list[DeviceInfo]) -> None:
+        doc = self.book.doc(gid)
+        for device in devices:
+            if doc.device(device.id) is None:
+                doc = groups.add_device(doc, jid, device)
+        self._change(gid, doc)
+
+    def _change(self, gid: str, doc: groups.MembershipDocument,
+                also: list[tuple[str, str]] | tuple[()] = ()) -> None:
+        """Sign a new epoch, store it, then push it to every member (and to ``also``)."""
+        signed = groups.sign(doc, self.keys.sign)
+        self.book.groups[gid] = (self.book.groups[gid][0], signed)
+        self.book.save()
+        self.events.publish("group.changed", gid=gid, name=doc.name, epoch=doc.epoch)
+        self._spawn(self._push(gid, extra=also))
+
+    async def _push(self, gid: str, extra: list[tuple[str, str]] | tuple[()] = ()) -> None:
+        if gid not in self.book.groups:
+            return
+        doc = self.book.doc(gid)
+        targets = [(jid, d.id) for jid, d in doc.devices() if d.id != self.device.id]
+        await asyncio.gather(*(self._send_document(gid, f"{jid}/svpn-{dev}")
+                               for jid, dev in [*targets, *extra]))
+
+    async def _send_document(self, gid: str, full_jid: str) -> None:
+        if gid not in self.book.groups or not self.xmpp.connected:
+            return
+        wire = self.book.groups[gid][1].to_wire()
+        try:
+            await self.xmpp.send_group_op(full_jid, stanzas.MembershipPush(wire))
+        except APIError as exc:
+            log.debug("document for %s not delivered to %s: %s", gid[:8], full_jid, exc)
+
+    async def _ask_join(self, asked: dict[str, Any]) -> None:
+        device = asked.get("owner_device")
+        targets = ([f"{asked['jid']}/svpn-{device}"] if device
+                   else [full for full, _ in self.xmpp.devices_of(asked["jid"])])
+        if not targets:
+            raise APIError(f"{asked['jid']} has no SocialVPN device online; the request is "
+                           "kept and sent again when you sign in next", 409)
+        op = stanzas.JoinRequest(asked["group"], asked.get("gid", ""), self.device)
+        errors = []
+        for full in targets:
+            try:
+                await self.xmpp.send_group_op(full, op)
+                return
+            except APIError as exc:
+                errors.append(str(exc))
+        raise APIError("; ".join(errors), 409)
+
+    # --- groups: the API ------------------------------------------------------------------
+
+    def _group_or_404(self, name: str) -> str:
+        gid = self.book.by_name(name)
+        if gid is None:
+            raise APIError(f"no group named {name!r} (see `socialvpn groups`)", 404)
+        return gid
+
+    def _summary(self, gid: str) -> dict[str, Any]:
+        pin, signed = self.book.groups[gid]
+        doc = signed.doc
+        mine = doc.device(self.device.id)
+        return {
+            "name": doc.name, "gid": gid, "owner": doc.owner_jid,
+            "role": "owner" if doc.owner == self.device.id else "member",
+            "epoch": doc.epoch, "subnet4": doc.subnet4, "prefix6": doc.prefix6,
+            "ip4": mine[1].ip4 if mine else None,
+            "ip6": doc.ip6_of(mine[1]) if mine else None,
+            "members": len(doc.members), "devices": len(doc.devices()),
+            "owner_key_fingerprint": key_fingerprint(pin),
+        }
+
+    def groups(self) -> list[dict[str, Any]]:
+        return sorted((self._summary(gid) for gid in self.book.groups), key=lambda g: g["name"])
+
+    def group_show(self, name: str) -> dict[str, Any]:
+        gid = self._group_or_404(name)
+        doc = self.book.doc(gid)
+        members = []
+        for jid in doc.member_jids():
+            online = {r.resource for r in self.xmpp.resources(jid) if r.available}
+            members.append({"jid": jid, "devices": [
+                {"id": d.id, "name": d.name, "ip4": d.ip4, "ip6": doc.ip6_of(d),
+                 "key": d.key, "online": f"svpn-{d.id}" in online or d.id == self.device.id}
+                for d in doc.members[jid]]})
+        pending = [j for j in self.book.joins if j["gid"] == gid]
+        return {**self._summary(gid), "member_list": members, "join_requests": pending}
+
+    async def group_create(self, name: str, subnet: str | None) -> dict[str, Any]:
+        try:
+            name = groups.validate_group_name(name)
+            if subnet is not None:
+                subnet = groups.validate_subnet4(subnet)
+        except ValueError as exc:
+            raise APIError(str(exc), 400) from None
+        if self.book.by_name(name) is not None:
+            raise APIError(f"a group named {name!r} exists already", 409)
+        doc = groups.create_group(name=name, owner_jid=self.cfg.account.jid, owner=self.device,
+                                  rng=os.urandom, subnet4=subnet)
+        self.book.groups[doc.gid] = (self.device.sign, groups.sign(doc, self.keys.sign))
+        self.book.save()
+        self.events.publish("group.changed", gid=doc.gid, name=name, epoch=doc.epoch)
+        return self._summary(doc.gid)
+
+    async def group_invite(self, name: str, jid: str) -> dict[str, Any]:
+        gid = self._group_or_404(name)
+        if not self._owned(gid):
+            raise APIError(f"only the owner ({self.book.doc(gid).owner_jid}) invites to {name}",
+                           403)
+        if not self._is_friend(jid):
+            raise APIError(f"{jid} is not your friend yet: `socialvpn friend add {jid}` first",
+                           409)
+        devices = self.xmpp.devices_of(jid)
+        if not devices:
+            raise APIError(f"{jid} has no SocialVPN device online to invite", 409)
+        if not any(i["gid"] == gid and i["jid"] == jid for i in self.book.invited):
+            self.book.invited.append({"gid": gid, "jid": jid, "sent_at": time.time()})
+            self.book.save()
+        op = stanzas.Invitation(gid, name, self.device.sign, self.device.id)
+        sent = []
+        for full, _ in devices:
+            try:
+                await self.xmpp.send_group_op(full, op)
+                sent.append(full)
+            except APIError as exc:
+                log.info("invitation to %s not delivered: %s", full, exc)
+        if not sent:
+            raise APIError(f"no device of {jid} took the invitation", 409)
+        return {"group": name, "jid": jid, "result": f"invitation sent to {len(sent)} device(s)"}
+
+    async def group_join(self, owner_jid: str, name: str) -> dict[str, Any]:
+        try:
+            name = groups.validate_group_name(name)
+        except ValueError as exc:
+            raise APIError(str(exc), 400) from None
+        if self.book.by_name(name) is not None:
+            raise APIError(f"you are in a group named {name!r} already", 409)
+        asked = {"jid": owner_jid, "group": name, "sent_at": time.time()}
+        if not any(a["jid"] == owner_jid and a["group"] == name for a in self.book.asked):
+            self.book.asked.append(asked)
+            self.book.save()
+        await self._ask_join(asked)
+        return {"group": name, "owner": owner_jid,
+                "result": "request sent; you are in once the owner accepts"}
+
+    async def group_remove(self, name: str, jid: str) -> dict[str, Any]:
+        gid = self._group_or_404(name)
+        if not self._owned(gid):
+            raise APIError(f"only the owner removes members of {name}", 403)
+        doc = self.book.doc(gid)
+        if jid not in doc.members:
+            raise APIError(f"{jid} is not a member of {name}", 404)
+        try:
+            new = groups.remove_member(doc, jid)
+        except ValueError as exc:
+            raise APIError(str(exc), 409) from None
+        self._change(gid, new, also=[(jid, d.id) for d in doc.members[jid]])
+        return {"group": name, "jid": jid, "result": "removed", "epoch": new.epoch}
+
+    async def group_leave(self, name: str) -> dict[str, Any]:
+        gid = self._group_or_404(name)
+        doc = self.book.doc(gid)
+        if doc.owner == self.device.id:
+            raise APIError(f"you own {name}: remove its members instead of leaving", 409)
+        try:
+            await self.xmpp.send_group_op(f"{doc.owner_jid}/svpn-{doc.owner}",
+                                          stanzas.Leave(gid))
+        except APIError as exc:
+            log.info("the owner did not hear that we left %s: %s", name, exc)
+        del self.book.groups[gid]
+        self.book.save()
+        self.events.publish("group.removed", gid=gid, name=name)
+        return {"group": name, "result": "left"}
+
+    async def _decide_group(self, jid: str, accept: bool, group: str) -> dict[str, Any]:
+        joins = [j for j in self.book.joins if j["jid"] == jid and j["group"] == group]
+        if joins:
+            self.book.joins = [j for j in self.book.joins if j not in joins]
+            self.book.save()
+            if accept:
+                devices = [DeviceInfo(**j["device"]) for j in joins]
+                self._admit(joins[0]["gid"], jid, devices)
+            return {"jid": jid, "group": group, "result": "accepted" if accept else "rejected"}
+        invitation = next((i for i in self.book.invitations
+                           if i["jid"] == jid and i["group"] == group), None)
+        if invitation is None:
+            raise APIError(f"no join request or invitation for group {group!r} from {jid}", 404)
+        self.book.invitations.remove(invitation)
+        if accept:
+            asked = {"jid": jid, "group": group, "gid": invitation["gid"],
+                     "owner_key": invitation["owner_key"],
+                     "owner_device": invitation["owner_device"], "sent_at": time.time()}
+            self.book.asked.append(asked)
+            self.book.save()
+            await self._ask_join(asked)
+        else:
+            self.book.save()
+        return {"jid": jid, "group": group, "result": "accepted" if accept else "rejected"}
+
     # --- the API ---------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
@@ -161,7 +569,8 @@ class Agent(XmppListener):
                      "server": str(self.cfg.xmpp.server or self.cfg.account.domain)},
             "device": {"id": self.device.id, "name": self.device.name,
                        "fingerprint": self.keys.fingerprint, "key": self.device.key},
-            "groups": [],
+            "groups": [{k: g[k] for k in ("name", "role", "ip4", "ip6", "epoch")}
+                       for g in self.groups()],
             "counters": self.counters.to_json(),
         }
 
@@ -187,8 +596,12 @@ class Agent(XmppListener):
     def requests(self) -> dict[str, Any]:
         return {
             "friends": sorted(self._requests.values(), key=lambda r: r["received_at"]),
-            "joins": [],
-            "invitations": [],
+            "joins": [{k: j[k] for k in ("jid", "group", "received_at")}
+                      | {"device": j["device"]["name"], "device_id": j["device"]["id"]}
+                      for j in self.book.joins],
+            "invitations": [{k: i[k] for k in ("jid", "group", "received_at")}
+                            | {"owner_key_fingerprint": key_fingerprint(i["owner_key"])}
+                            for i in self.book.invitations],
         }
 
     async def friend_add(self, jid: str) -> dict[str, Any]:
@@ -214,7 +627,7 @@ class Agent(XmppListener):
 
     async def decide(self, jid: str, accept: bool, group: str | None) -> dict[str, Any]:
         if group is not None:
-            raise APIError(f"no join request or invitation for group {group!r} from {jid}", 404)
+            return await self._decide_group(jid, accept, group)
         if jid not in self._requests:
             raise APIError(f"no pending friend request from {jid} (see `socialvpn requests`)",
                            404)
@@ -244,3 +657,9 @@ def cleanup_network(prefix: str = INTERFACE_PREFIX) -> list[str]:
         return router.cleanup(prefix)
     finally:
         router.close()
+
+
+def key_fingerprint(sign_key_b64: str) -> str:
+    """An owner's signing key as people compare it: 8 groups of 4 hex digits."""
+    digest = hashlib.sha256(base64.b64decode(sign_key_b64)).hexdigest()[:32]
+    return " ".join(digest[i:i + 4] for i in range(0, 32, 4))

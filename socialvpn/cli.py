@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from . import __version__
 from .config import (
@@ -224,14 +225,70 @@ def cmd_requests(args: argparse.Namespace) -> int:
 
     now = time.time()
     rows = [[r["jid"], "friend", "-", _ago(r["received_at"], now)] for r in reqs["friends"]]
-    rows += [[r["jid"], "join", r["group"], _ago(r.get("received_at"), now)]
+    rows += [[r["jid"], f"join ({r['device']})", r["group"], _ago(r.get("received_at"), now)]
              for r in reqs.get("joins", [])]
-    rows += [[r["jid"], "invitation", r["group"], _ago(r.get("received_at"), now)]
-             for r in reqs.get("invitations", [])]
+    rows += [[r["jid"], f"invitation (owner key {r['owner_key_fingerprint']})", r["group"],
+              _ago(r.get("received_at"), now)] for r in reqs.get("invitations", [])]
     if not rows:
         print("no pending requests")
         return 0
     _table(rows, ["FROM", "KIND", "GROUP", "RECEIVED"])
+    return 0
+
+
+def cmd_groups(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    groups = _client(cfg).get("groups")
+    if args.json:
+        _print_json(groups)
+        return 0
+    if not groups:
+        print(f"no groups yet: `{PROG} group create NAME` makes one")
+        return 0
+    _table([[g["name"], g["role"], g["owner"], g["ip4"] or "-", g["subnet4"],
+             str(g["devices"]), str(g["epoch"])] for g in groups],
+           ["GROUP", "ROLE", "OWNER", "MY ADDRESS", "SUBNET", "DEVICES", "EPOCH"])
+    return 0
+
+
+def cmd_group(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    client = _client(cfg)
+    op = args.group_op
+    if op == "show":
+        g = client.get(f"groups/{quote(args.name, safe='')}")
+        if args.json:
+            _print_json(g)
+            return 0
+        print(f"group        {g['name']} ({g['role']}, epoch {g['epoch']})")
+        print(f"owner        {g['owner']}  key {g['owner_key_fingerprint']}")
+        print(f"subnets      {g['subnet4']}  {g['prefix6']}")
+        print(f"my address   {g['ip4']}  {g['ip6']}")
+        rows = [[m["jid"], d["name"], d["id"], d["ip4"], d["ip6"],
+                 "online" if d["online"] else "offline"]
+                for m in g["member_list"] for d in m["devices"]]
+        _table(rows, ["MEMBER", "DEVICE", "ID", "IPV4", "IPV6", "PRESENCE"])
+        for j in g["join_requests"]:
+            print(f"asks to join: {j['jid']} ({j['device']['name']})")
+        return 0
+    body: dict[str, Any] = {"op": op}
+    if op == "create":
+        body.update(name=args.name, subnet=args.subnet)
+    elif op in ("invite", "remove"):
+        body.update(name=args.name, jid=args.jid)
+    elif op == "join":
+        body.update(name=args.name, jid=args.owner)
+    else:
+        body.update(name=args.name)
+    result = client.post("groups", {k: v for k, v in body.items() if v is not None})
+    if args.json:
+        _print_json(result)
+    elif op == "create":
+        print(f"created {result['name']}: subnet {result['subnet4']} {result['prefix6']}, "
+              f"your address {result['ip4']}")
+        print(f"owner key fingerprint {result['owner_key_fingerprint']} (members compare it)")
+    else:
+        print(f"{result.get('group', args.name)}: {result['result']}")
     return 0
 
 
@@ -317,6 +374,36 @@ def build_parser() -> argparse.ArgumentParser:
         fp = fsub.add_parser(op, parents=[common, listing], help=text, description=text)
         fp.add_argument("jid", metavar="JID")
         fp.set_defaults(func=cmd_friend)
+
+    p = sub.add_parser("groups", parents=[common, listing], help="your groups and addresses")
+    p.set_defaults(func=cmd_groups)
+
+    p = sub.add_parser("group", parents=[common], help="create, invite, join, remove, leave, show",
+                       description="Groups are private networks of friends' devices. The owner "
+                                   "accepts members; nothing is accepted automatically.")
+    gsub = p.add_subparsers(dest="group_op", metavar="create|invite|join|remove|leave|show")
+    gsub.required = True
+    gp = gsub.add_parser("create", parents=[common, listing], help="create a group you own")
+    gp.add_argument("name", metavar="NAME", help="1-11 of a-z 0-9 -, starting with a letter")
+    gp.add_argument("--subnet", metavar="CIDR",
+                    help="private IPv4 subnet, /16 to /29 (default: derived from the group id)")
+    gp = gsub.add_parser("invite", parents=[common, listing], help="invite a friend (owner)")
+    gp.add_argument("name", metavar="NAME")
+    gp.add_argument("jid", metavar="JID")
+    gp = gsub.add_parser("join", parents=[common, listing],
+                         help="ask a friend to let you into their group")
+    gp.add_argument("owner", metavar="OWNER_JID")
+    gp.add_argument("name", metavar="NAME")
+    gp = gsub.add_parser("remove", parents=[common, listing], help="remove a member (owner)")
+    gp.add_argument("name", metavar="NAME")
+    gp.add_argument("jid", metavar="JID")
+    gp = gsub.add_parser("leave", parents=[common, listing], help="leave a group")
+    gp.add_argument("name", metavar="NAME")
+    gp = gsub.add_parser("show", parents=[common, listing], help="members, addresses, requests")
+    gp.add_argument("name", metavar="NAME")
+    p.set_defaults(func=cmd_group)
+    for gp in gsub.choices.values():
+        gp.set_defaults(func=cmd_group)
 
     p = sub.add_parser("requests", parents=[common, listing],
                        help="pending friend requests, join requests and invitations")

@@ -32,7 +32,7 @@ class EventBus:
         self._seq = itertools.count(1)
         self.recent: deque[Event] = deque(maxlen=history)
 
-    def publish(self, kind: str, **data: Any) -> Event:
+    def publish(self, kind: str, /, **data: Any) -> Event:
         event = Event(kind, data, next(self._seq))
         self.recent.append(event)
         for callback in list(self._subscribers):

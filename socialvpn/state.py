@@ -19,6 +19,7 @@ from .keys import DeviceKeys
 
 KEYS_FILE = "device.json"
 REQUESTS_FILE = "requests.json"
+GROUPS_FILE = "groups.json"
 API_SOCKET = "api.sock"
 LOCK_FILE = "agent.lock"
 

@@ -33,6 +33,20 @@ class AgentAPI(Protocol):
 
     def events_since(self, seq: int) -> list[dict[str, Any]]: ...
 
+    def groups(self) -> list[dict[str, Any]]: ...
+
+    def group_show(self, name: str) -> dict[str, Any]: ...
+
+    async def group_create(self, name: str, subnet: str | None) -> dict[str, Any]: ...
+
+    async def group_invite(self, name: str, jid: str) -> dict[str, Any]: ...
+
+    async def group_join(self, owner_jid: str, name: str) -> dict[str, Any]: ...
+
+    async def group_remove(self, name: str, jid: str) -> dict[str, Any]: ...
+
+    async def group_leave(self, name: str) -> dict[str, Any]: ...
+
 
 Handler = Callable[[AgentAPI, dict[str, Any]], Awaitable[Any]]
 
@@ -115,6 +129,38 @@ async def post_requests(agent: AgentAPI, body: dict[str, Any]) -> Any:
     if op not in ("accept", "reject"):
         raise APIError("'op' must be 'accept' or 'reject'", 400)
     return await agent.decide(_jid(body), op == "accept", _str(body, "group", required=False))
+
+
+@ROUTES.add("GET", "groups")
+async def get_groups(agent: AgentAPI, body: dict[str, Any]) -> Any:
+    return agent.groups()
+
+
+@ROUTES.add("GET", "groups/{name}")
+async def get_group(agent: AgentAPI, body: dict[str, Any]) -> Any:
+    return agent.group_show(_name(body))
+
+
+def _name(body: dict[str, Any]) -> str:
+    name = _str(body, "name")
+    assert name is not None
+    return name
+
+
+@ROUTES.add("POST", "groups")
+async def post_groups(agent: AgentAPI, body: dict[str, Any]) -> Any:
+    op = body.get("op")
+    if op == "create":
+        return await agent.group_create(_name(body), _str(body, "subnet", required=False))
+    if op == "invite":
+        return await agent.group_invite(_name(body), _jid(body))
+    if op == "join":
+        return await agent.group_join(_jid(body), _name(body))
+    if op == "remove":
+        return await agent.group_remove(_name(body), _jid(body))
+    if op == "leave":
+        return await agent.group_leave(_name(body))
+    raise APIError("'op' must be one of create, invite, join, remove, leave", 400)
 
 
 @ROUTES.add("GET", "events")

@@ -76,6 +76,7 @@ def _make_handler(route: Any) -> Any:
         else:
             for key, value in request.query.items():
                 body[key] = int(value) if _SMALL_INT.fullmatch(value) else value
+        body.update(request.match_info)  # path parameters win over the body
         try:
             result = await route.handler(agent, body)
         except APIError as exc:

@@ -114,7 +114,15 @@ class XmppListener:
 
     def stanza_dropped(self, reason: str, sender: str, detail: str) -> None: ...
 
+    def group_request(self, op: stanzas.GroupOp, sender: str) -> bytes | None:
+        """A group operation from ``sender`` (a full JID). Return the membership document to
+        answer a fetch with, or None; raise ProtocolError to refuse (the reason picks the
+        XMPP error)."""
+        raise ProtocolError("groups are not handled here", "unknown")
+
     def signed_in(self) -> None: ...
+
+    def device_seen(self, full_jid: str, device: DeviceInfo) -> None: ...
 
     def auth_failed(self, reason: str, ever_connected: bool) -> None: ...
 
@@ -135,6 +143,10 @@ class _Client(ClientXMPP):
     def reconnect(self, wait: int | float = 2.0, reason: str = "Reconnecting") -> None:
         self.disconnect(wait, reason)
 
+    def exception(self, exception: Exception) -> None:
+        # A bug in one of our handlers: slixmpp answers undefined-condition; we log it.
+        log.error("XMPP handler failed: %r", exception, exc_info=exception)
+
 
 def build_ssl_context(cfg: Config) -> ssl.SSLContext:
     """A verifying context: chain and host name, system trust plus ``ca_file`` if set."""
@@ -149,7 +161,7 @@ def build_ssl_context(cfg: Config) -> ssl.SSLContext:
 
 class XmppClient:
     # IQ operations in our namespace this agent understands (later issues add join, link...).
-    KNOWN_IQ_OPS: frozenset[str] = frozenset()
+    KNOWN_IQ_OPS: frozenset[str] = stanzas.GROUP_OPS
 
     def __init__(self, cfg: Config, password: str, device: DeviceInfo,
                  listener: XmppListener) -> None:
@@ -459,11 +471,14 @@ class XmppClient:
                 # Counted in _on_ours; the presence still says "online", without a device.
                 log.debug("bad device element from %s: %s", sender, exc)
         per = self._resources.setdefault(bare, {})
+        known = per.get(resource)
         if available:
             per[resource] = ContactResource(resource, True, device)
         else:
             per.pop(resource, None)
         self.listener.presence_changed(bare)
+        if device is not None and (known is None or known.device != device):
+            self.listener.device_seen(f"{bare}/{resource}", device)
 
     # --- our namespace ---------------------------------------------------------------------
 
@@ -471,6 +486,7 @@ class XmppClient:
         """Every stanza carrying our namespace passes here first: validate, count, answer."""
         sender = str(stanza["from"])
         kind = stanza.name
+        op: stanzas.GroupOp | None = None
         try:
             for element in stanzas.ours(stanza.xml):
                 if kind == "presence":
@@ -479,6 +495,9 @@ class XmppClient:
                     if stanza["type"] in ("result", "error"):
                         continue
                     stanzas.parse_iq_payload(element, self.KNOWN_IQ_OPS)
+                    if op is not None:
+                        raise ProtocolError("more than one operation in one IQ", "malformed")
+                    op = stanzas.parse_group_op(element, stanza["type"])
                 else:
                     raise ProtocolError(f"our namespace is not used in <{kind}/>", "unexpected")
         except ProtocolError as exc:
@@ -488,9 +507,55 @@ class XmppClient:
                 _error_reply(stanza, "feature-not-implemented" if unknown else "bad-request",
                              "cancel" if unknown else "modify")
             return
-        if kind == "iq" and stanza["type"] in ("get", "set"):
-            # Valid but handled by nothing yet (cannot happen while KNOWN_IQ_OPS is empty).
-            _error_reply(stanza, "feature-not-implemented", "cancel")
+        if op is None or kind != "iq" or stanza["type"] not in ("get", "set"):
+            return
+        try:
+            document = self.listener.group_request(op, sender)
+        except ProtocolError as exc:
+            self.listener.stanza_dropped(exc.reason, sender, str(exc))
+            _error_reply(stanza, _REFUSALS.get(exc.reason, "not-acceptable"), "cancel")
+            return
+        reply = stanza.reply(clear=True)
+        if document is not None:
+            _, payload = stanzas.make_group_op(stanzas.MembershipPush(document))
+            reply.append(payload)
+        reply.send()
+
+    async def send_group_op(self, to: str, op: stanzas.GroupOp,
+                            timeout: float = 10.0) -> bytes | None:
+        """Send a group operation to a full JID; the membership document in the answer, if any.
+        A refusal or no answer raises APIError naming the peer."""
+        xmpp = self._need()
+        iq_type, payload = stanzas.make_group_op(op)
+        iq = xmpp.Iq()
+        iq["type"] = iq_type
+        iq["to"] = to
+        iq.append(payload)
+        try:
+            answer = await iq.send(timeout=timeout)
+        except IqError as exc:
+            condition = exc.iq["error"]["condition"]
+            raise APIError(f"{to} refused: {condition}", 409) from None
+        except IqTimeout:
+            raise APIError(f"{to} did not answer within {timeout:.0f} s", 504) from None
+        for element in stanzas.ours(answer.xml):
+            try:
+                stanzas.parse_iq_payload(element, self.KNOWN_IQ_OPS)
+                result = stanzas.parse_group_op(element, "set")
+            except ProtocolError as exc:
+                self.listener.stanza_dropped(exc.reason, to, str(exc))
+                raise APIError(f"{to} answered with something unreadable", 502) from None
+            if isinstance(result, stanzas.MembershipPush):
+                return result.document
+        return None
+
+    def devices_of(self, bare: str) -> list[tuple[str, DeviceInfo]]:
+        """Online SocialVPN devices of a contact (or of our own account): (full JID, device)."""
+        out = []
+        for r in self.resources(bare):
+            if r.available and r.device is not None:
+                out.append((f"{bare}/{r.resource}", r.device))
+        return out
 
     # --- actions (called through the local API) --------------------------------------------
 
@@ -551,6 +616,10 @@ def _describe(err: Any) -> str:
         return err.strerror
     text = str(err).strip()
     return text or type(err).__name__
+
+
+_REFUSALS = {"refused": "forbidden", "unknown-group": "item-not-found",
+             "not-member": "forbidden", "stale": "conflict", "full": "resource-constraint"}
 
 
 def _error_reply(stanza: Any, condition: str, etype: str) -> None:

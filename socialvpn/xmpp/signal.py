@@ -413,10 +413,8 @@ class LinkSignaling:
         chunks = chunks or [()]
         last = len(chunks) - 1
         return [
-            SendMessage(
-                self._message(Kind.CANDIDATES, candidates=chunk, end_of_candidates=end and i == last)
-            )
-            for i, chunk in enumerate(chunks)
+            SendMessage(self._message(Kind.CANDIDATES, candidates=chunk, end_of_candidates=flag))
+            for chunk, flag in zip(chunks, [False] * last + [end], strict=True)
         ]
 
     def ice_connected(self, now: float, *, sid: str | None = None) -> list[Action]:

@@ -8,6 +8,8 @@ parser: the caller drops the stanza and counts the reason.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from dataclasses import dataclass
 from xml.etree import ElementTree as ET
@@ -23,7 +25,7 @@ PROTOCOL_VERSION = "0"
 
 # Hard limits on anything a peer or the server sends us in our namespace.
 MAX_ELEMENT_BYTES = 1024  # a <device/> element, serialised
-MAX_IQ_PAYLOAD_BYTES = 64 * 1024  # later: membership documents, candidate lists
+MAX_IQ_PAYLOAD_BYTES = 96 * 1024  # a membership document (60 KB) in base64, with room
 MAX_NAME_CHARS = 64
 MAX_ATTR_CHARS = 256
 
@@ -134,3 +136,120 @@ def parse_iq_payload(xml: ET.Element, known: frozenset[str]) -> tuple[str, ET.El
     if op not in known:
         raise ProtocolError(f"unknown operation <{op}/>", "unknown")
     return op, xml
+
+
+# --- group operations (IQ payloads) ----------------------------------------------------------
+
+GROUP_OPS = frozenset({"join", "invite", "membership", "leave"})
+_GID_RE = re.compile(r"[0-9a-f]{32}")
+_GROUP_NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,10}")
+
+
+@dataclass(frozen=True)
+class JoinRequest:
+    """A device asks the owner to let it into a group (``gid`` set: answering an invitation)."""
+
+    group: str
+    gid: str
+    device: DeviceInfo
+
+
+@dataclass(frozen=True)
+class Invitation:
+    gid: str
+    name: str
+    owner_sign_key: str
+    owner_device: str
+
+
+@dataclass(frozen=True)
+class MembershipPush:
+    document: bytes  # a signed membership document, as groups.SignedDocument.to_wire()
+
+
+@dataclass(frozen=True)
+class MembershipFetch:
+    gid: str
+
+
+@dataclass(frozen=True)
+class Leave:
+    gid: str
+
+
+GroupOp = JoinRequest | Invitation | MembershipPush | MembershipFetch | Leave
+
+
+def _gid(xml: ET.Element, required: bool = True) -> str:
+    value = xml.get("gid", "")
+    if not value and not required:
+        return ""
+    if not _GID_RE.fullmatch(value):
+        raise ProtocolError("gid is not 32 lowercase hex digits", "malformed")
+    return value
+
+
+def _group_name(value: str) -> str:
+    if not _GROUP_NAME_RE.fullmatch(value):
+        raise ProtocolError("bad group name", "malformed")
+    return value
+
+
+def parse_group_op(xml: ET.Element, iq_type: str) -> GroupOp:
+    """An IQ payload in our namespace (already size- and version-checked) → a GroupOp."""
+    op = _local(xml.tag)
+    if op == "membership":
+        if iq_type == "get":
+            return MembershipFetch(_gid(xml))
+        text = (xml.text or "").strip()
+        try:
+            raw = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise ProtocolError("membership document is not base64", "malformed") from None
+        if not raw:
+            raise ProtocolError("empty membership document", "malformed")
+        return MembershipPush(raw)
+    if iq_type != "set":
+        raise ProtocolError(f"<{op}/> must be sent with type 'set'", "malformed")
+    if op == "join":
+        devices = [c for c in xml if _local(c.tag) == "device"]
+        if len(devices) != 1 or len(xml) != 1:
+            raise ProtocolError("join carries exactly one <device/>", "malformed")
+        return JoinRequest(_group_name(_attr(xml, "group", 16)), _gid(xml, required=False),
+                           parse_device(devices[0]))
+    if op == "invite":
+        try:
+            unb64_key(_attr(xml, "owner-key", 44))
+        except ValueError:
+            raise ProtocolError("bad owner key", "malformed") from None
+        owner = _attr(xml, "owner-device", 16)
+        if not _DEVICE_ID_RE.fullmatch(owner):
+            raise ProtocolError("bad owner device id", "malformed")
+        return Invitation(_gid(xml), _group_name(_attr(xml, "name", 16)), xml.get("owner-key", ""),
+                          owner)
+    if op == "leave":
+        return Leave(_gid(xml))
+    raise ProtocolError(f"unknown operation <{op}/>", "unknown")
+
+
+def _element(op: str, **attrs: str) -> ET.Element:
+    el = ET.Element(f"{{{NS}}}{op}", {"ver": PROTOCOL_VERSION, **attrs})
+    return el
+
+
+def make_group_op(op: GroupOp) -> tuple[str, ET.Element]:
+    """(IQ type, payload element) for an outbound group operation."""
+    if isinstance(op, JoinRequest):
+        el = _element("join", group=op.group, **({"gid": op.gid} if op.gid else {}))
+        el.append(ET.fromstring(str(make_device(op.device))))
+        return "set", el
+    if isinstance(op, Invitation):
+        return "set", _element("invite", gid=op.gid, name=op.name,
+                               **{"owner-key": op.owner_sign_key, "owner-device": op.owner_device})
+    if isinstance(op, MembershipPush):
+        el = _element("membership")
+        el.text = base64.b64encode(op.document).decode("ascii")
+        return "set", el
+    if isinstance(op, MembershipFetch):
+        return "get", _element("membership", gid=op.gid)
+    return "set", _element("leave", gid=op.gid)

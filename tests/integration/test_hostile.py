@@ -24,8 +24,9 @@ def el(tag: str, text: str | None = None, **attrs: str) -> ET.Element:
     return e
 
 
-async def _sign_in(prosody, user: str, password: str) -> slixmpp.ClientXMPP:
-    client = slixmpp.ClientXMPP(f"{user}@{prosody.domain}/probe", password)
+async def _sign_in(prosody, user: str, password: str, resource: str = "probe"
+                   ) -> slixmpp.ClientXMPP:
+    client = slixmpp.ClientXMPP(f"{user}@{prosody.domain}/{resource}", password)
     client.ssl_context = prosody.client_context()
     client.enable_direct_tls = False
     client.auto_authorize = None
@@ -62,7 +63,7 @@ async def test_hostile_stanzas_are_dropped_and_counted(prosody_tls, agent_factor
         conditions = {
             "unknown-op": await _iq_error(client, full, el("link", ver="0", sid="x")),
             "bad-version": await _iq_error(client, full, el("link", ver="99")),
-            "oversize": await _iq_error(client, full, el("link", "A" * 70_000, ver="0")),
+            "oversize": await _iq_error(client, full, el("link", "A" * 120_000, ver="0")),
             "no-version": await _iq_error(client, full, el("hello")),
         }
         assert conditions == {"unknown-op": "feature-not-implemented",

@@ -535,7 +535,8 @@ def test_route_table_refuses_duplicates() -> None:
 def test_global_routes() -> None:
     assert set(ROUTES.routes) == {
         ("GET", "status"), ("GET", "friends"), ("POST", "friends"), ("GET", "requests"),
-        ("POST", "requests"), ("GET", "events"),
+        ("POST", "requests"), ("GET", "events"), ("GET", "groups"), ("GET", "groups/{name}"),
+        ("POST", "groups"),
     }
     for (method, _), route in ROUTES.routes.items():
         assert route.mutating is (method != "GET")
