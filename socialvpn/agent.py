@@ -258,7 +258,10 @@ class Agent(XmppListener):
             log.info("%s accepted the invitation to %s", bare, op.group)
             self.book.invited = [i for i in self.book.invited
                                  if not (i["gid"] == gid and i["jid"] == bare)]
-            self._admit(gid, bare, [op.device])
+            try:
+                self._admit(gid, bare, [op.device])
+            except APIError as exc:
+                raise ProtocolError(str(exc), "full") from None
             return
         if any(j["gid"] == gid and j["device"]["id"] == op.device.id for j in self.book.joins):
             return
@@ -359,9 +362,12 @@ class Agent(XmppListener):
 
     def _admit(self, gid: str, jid: str, devices: list[DeviceInfo]) -> None:
         doc = self.book.doc(gid)
-        for device in devices:
-            if doc.device(device.id) is None:
-                doc = groups.add_device(doc, jid, device)
+        try:
+            for device in devices:
+                if doc.device(device.id) is None:
+                    doc = groups.add_device(doc, jid, device)
+        except ValueError as exc:  # subnet full, a device name the document cannot hold...
+            raise APIError(f"cannot admit {jid} to {doc.name}: {exc}", 409) from None
         self._change(gid, doc)
 
     def _change(self, gid: str, doc: groups.MembershipDocument,
@@ -454,8 +460,11 @@ class Agent(XmppListener):
             raise APIError(str(exc), 400) from None
         if self.book.by_name(name) is not None:
             raise APIError(f"a group named {name!r} exists already", 409)
-        doc = groups.create_group(name=name, owner_jid=self.cfg.account.jid, owner=self.device,
-                                  rng=os.urandom, subnet4=subnet)
+        try:
+            doc = groups.create_group(name=name, owner_jid=self.cfg.account.jid,
+                                      owner=self.device, rng=os.urandom, subnet4=subnet)
+        except ValueError as exc:
+            raise APIError(str(exc), 400) from None
         self.book.groups[doc.gid] = (self.device.sign, groups.sign(doc, self.keys.sign))
         self.book.save()
         self.events.publish("group.changed", gid=doc.gid, name=name, epoch=doc.epoch)
