@@ -444,9 +444,11 @@ class Agent(XmppListener):
         members = []
         for jid in doc.member_jids():
             online = {r.resource for r in self.xmpp.resources(jid) if r.available}
+            visible = self._is_friend(jid)  # presence is only shared between friends
             members.append({"jid": jid, "devices": [
-                {"id": d.id, "name": d.name, "ip4": d.ip4, "ip6": doc.ip6_of(d),
-                 "key": d.key, "online": f"svpn-{d.id}" in online or d.id == self.device.id}
+                {"id": d.id, "name": d.name, "ip4": d.ip4, "ip6": doc.ip6_of(d), "key": d.key,
+                 "online": True if d.id == self.device.id
+                 else (f"svpn-{d.id}" in online if visible else None)}
                 for d in doc.members[jid]]})
         pending = [j for j in self.book.joins if j["gid"] == gid]
         return {**self._summary(gid), "member_list": members, "join_requests": pending}

@@ -176,7 +176,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"device       {dev['name']} ({dev['id']})")
     print(f"fingerprint  {dev['fingerprint']}")
     groups = st.get("groups") or []
-    print(f"groups       {', '.join(g['name'] for g in groups) if groups else 'none'}")
+    print("groups       " + (", ".join(f"{g['name']} {g['ip4']} {g['ip6']} ({g['role']})"
+                                         for g in groups) if groups else "none"))
     dropped = st.get("counters", {}).get("stanzas_dropped")
     if dropped:
         print("dropped      " + ", ".join(f"{k} {v}" for k, v in dropped.items()))
@@ -265,7 +266,7 @@ def cmd_group(args: argparse.Namespace) -> int:
         print(f"subnets      {g['subnet4']}  {g['prefix6']}")
         print(f"my address   {g['ip4']}  {g['ip6']}")
         rows = [[m["jid"], d["name"], d["id"], d["ip4"], d["ip6"],
-                 "online" if d["online"] else "offline"]
+                 {True: "online", False: "offline", None: "- (not a friend)"}[d["online"]]]
                 for m in g["member_list"] for d in m["devices"]]
         _table(rows, ["MEMBER", "DEVICE", "ID", "IPV4", "IPV6", "PRESENCE"])
         for j in g["join_requests"]:

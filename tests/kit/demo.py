@@ -1,8 +1,11 @@
 """`make demo`: a local cluster of SocialVPN agents with a real XMPP server.
 
 Starts Prosody (TLS with a throw-away CA) on loopback, registers alice, bob and carol, starts one
-agent each (`socialvpn up`), makes alice friends with bob and carol through the CLI exactly as a
-person would, and prints what to look at. Everything is removed on exit (also on Ctrl-C).
+agent each (`socialvpn up`), makes alice friends with bob and carol, forms the group `lab`
+(bob asks to join and alice accepts; alice invites carol and carol accepts) through the CLI
+exactly as a person would, and prints what to look at. (Links between the members' addresses
+come with the next step of the project; `tests/integration/test_link.py` shows the link
+itself.) Everything is removed on exit (also on Ctrl-C).
 """
 
 from __future__ import annotations
@@ -67,11 +70,37 @@ def run_demo(hold: float | None, keep: bool) -> int:
             return len(f) == 2 and all(x["subscription"] == "both" and x["devices"] for x in f)
 
         wait_for(friends_settled, 15, "alice's friendships to settle")
-        for user in ("alice", "bob"):
-            say(f"== {user}: socialvpn status")
-            say(indent(agents[user].cli("status").stdout))
         say("== alice: socialvpn friends")
         say(indent(alice.cli("friends").stdout))
+
+        bob, carol = agents["bob"], agents["carol"]
+        say("== alice: socialvpn group create lab --subnet 10.77.0.0/24")
+        say(indent(alice.cli("group", "create", "lab", "--subnet", "10.77.0.0/24").stdout))
+        say(f"== bob: socialvpn group join {alice.jid} lab")
+        say(indent(bob.cli("group", "join", alice.jid, "lab").stdout))
+        wait_for(lambda: alice.json("requests")["joins"], 10, "bob's join request")
+        say("== alice: socialvpn requests")
+        say(indent(alice.cli("requests").stdout))
+        say(f"== alice: socialvpn accept {bob.jid} --group lab")
+        alice.cli("accept", bob.jid, "--group", "lab")
+        say(f"== alice: socialvpn group invite lab {carol.jid}")
+        alice.cli("group", "invite", "lab", carol.jid)
+        wait_for(lambda: carol.json("requests")["invitations"], 10, "carol's invitation")
+        say("== carol: socialvpn requests")
+        say(indent(carol.cli("requests").stdout))
+        say(f"== carol: socialvpn accept {alice.jid} --group lab")
+        carol.cli("accept", alice.jid, "--group", "lab")
+
+        def everyone_in() -> bool:
+            return all(any(g["name"] == "lab" and g["epoch"] >= 3 for g in a.json("groups"))
+                       for a in agents.values())
+
+        wait_for(everyone_in, 15, "all three devices to hold the signed document")
+        say("== bob: socialvpn group show lab   (a signed membership document, epoch 3)")
+        say(indent(bob.cli("group", "show", "lab").stdout))
+        for user in ("alice", "carol"):
+            say(f"== {user}: socialvpn status")
+            say(indent(agents[user].cli("status").stdout))
 
         say("== look at it yourself (while this demo runs):")
         for user, agent in agents.items():
