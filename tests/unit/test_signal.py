@@ -587,6 +587,15 @@ def test_offer_timeout_retries_with_backoff_and_takes_a_late_answer() -> None:
     assert b.next_deadline() == pytest.approx(23.0)  # 2 s: exponential
 
 
+def test_end_for_a_timed_out_offer_cancels_the_late_answer() -> None:
+    a = machine(BIG, SMALL)
+    sid = only_msg(a.start(0.0)).sid
+    a.handle_timer(10.0)
+    assert a.receive(LinkMessage(Kind.END, sid, 1), 10.5) == []
+    assert reason_of(a.receive, answer(sid, 2), 10.6) == "state"
+    assert a.state is State.WAITING and only_msg(a.handle_timer(11.0)).kind is Kind.OFFER
+
+
 def test_end_from_the_peer_while_offering() -> None:
     a = machine(BIG, SMALL)
     sid = only_msg(a.start(0.0)).sid
@@ -989,11 +998,16 @@ class _Event:
     args: tuple = field(compare=False, default=())
 
 
-def simulate(seed: int, loss: float, lossy_until: float, end: float) -> tuple[Peer, Peer, float]:
+def simulate(
+    seed: int, loss: float, lossy_until: float, end: float, fail_p: float = 0.0,
+    restart: tuple[int, float] | None = None,
+) -> tuple[Peer, Peer, float]:
     """Two honest peers with timers, a fake ICE (connects when both run the same session with
     matching credentials, consent fails 5 s after the other side stopped), per-direction FIFO
-    delivery with 10 ms..2 s latency, and message loss until ``lossy_until``. Returns the
-    peers and when they were last seen becoming CONNECTED on one sid."""
+    delivery with 10 ms..2 s latency. Until ``lossy_until``: messages are lost with probability
+    ``loss`` and ICE fails on one side with probability ``fail_p``. ``restart=(i, t)`` replaces
+    peer i by a fresh process (no memory, its ICE gone) at time t, which then starts. Returns the
+    peers and when they last became CONNECTED on one sid (-1: not now)."""
     rnd = random.Random(seed)
     peers = list(pair(seed % 100_000))
     events: list[_Event] = []
@@ -1037,6 +1051,8 @@ def simulate(seed: int, loss: float, lossy_until: float, end: float) -> tuple[Pe
 
     for i in (0, 1):
         push(rnd.uniform(0, 5), "start", i)
+    if restart is not None:
+        push(restart[1], "restart", restart[0])
     while events and events[0].time <= end:
         ev = heapq.heappop(events)
         now = ev.time
@@ -1050,9 +1066,19 @@ def simulate(seed: int, loss: float, lossy_until: float, end: float) -> tuple[Pe
             if timer_at[i] == now:
                 timer_at[i] = None
             peers[i].apply(peers[i].sig.handle_timer(now), now)
+        elif ev.what == "restart":
+            i = ev.args[0]
+            local, remote = (BIG, SMALL) if i == 0 else (SMALL, BIG)
+            peers[i] = Peer(machine(local, remote, seed + 7))
+            timer_at[i] = None
+            peers[i].apply(peers[i].sig.start(now), now)
         elif ev.what == "ice_ok":
             sid = ev.args[0]
-            if all(sid in p.ice for p in peers):
+            if now < lossy_until and rnd.random() < fail_p:
+                j = rnd.randint(0, 1)
+                if sid in peers[j].ice:
+                    peers[j].apply(peers[j].sig.ice_failed("flaky", now, sid=sid), now)
+            elif all(sid in p.ice for p in peers):
                 for p in peers:
                     p.apply(p.sig.ice_connected(now, sid=sid), now)
         elif ev.what == "consent":
@@ -1064,16 +1090,21 @@ def simulate(seed: int, loss: float, lossy_until: float, end: float) -> tuple[Pe
     return peers[0], peers[1], linked_at
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), loss=st.sampled_from([0.0, 0.1, 0.3, 0.6]),
-       lossy_until=st.floats(0, 60))
-def test_liveness_with_timers_loss_and_delay(seed: int, loss: float, lossy_until: float) -> None:
+       lossy_until=st.floats(0, 60), fail_p=st.sampled_from([0.0, 0.3, 0.8]),
+       restart=st.none() | st.tuples(st.integers(0, 1), st.floats(0, 60)))
+def test_liveness_with_timers_loss_restarts_and_ice_failures(
+    seed: int, loss: float, lossy_until: float, fail_p: float, restart: tuple[int, float] | None
+) -> None:
+    if restart is not None:
+        lossy_until = max(lossy_until, restart[1])
     end = lossy_until + 600.0
-    big, small, linked_at = simulate(seed, loss, lossy_until, end)
+    big, small, linked_at = simulate(seed, loss, lossy_until, end, fail_p, restart)
     assert big.sig.state is State.CONNECTED and small.sig.state is State.CONNECTED
     assert big.sig.sid == small.sig.sid and linked_at >= 0
     assert_linked(big, small, State.CONNECTED)
-    assert set(big.errors + small.errors) <= {"stale", "state"}
+    assert set(big.errors + small.errors) <= {"stale", "state", "sequence"}
 
 
 def test_liveness_without_loss_is_fast() -> None:
