@@ -448,9 +448,9 @@ class IceSession:
         self._connecting = False
         self._connected = False
         self._closing = False
-        self._closed = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._drain_task: asyncio.Task[None] | None = None
+        self._close_task: asyncio.Future[None] | None = None
         self._rx: asyncio.Queue[bytes | None] = asyncio.Queue(RECV_QUEUE)
         self._transport: IceTransport | None = None
 
@@ -493,7 +493,9 @@ class IceSession:
 
     async def gather(self) -> list[str]:
         """Gather host, server-reflexive and relayed candidates (bounded); returns them as SDP
-        attribute strings (``candidate:...``). Raises IceFailed if there are none."""
+        attribute strings (``candidate:...``). Raises IceFailed (and closes the session) if
+        there are none. A STUN or TURN server that gives nothing is not fatal: it is logged
+        and listed in :attr:`warnings`."""
         if self._local is not None:
             return list(self._local)
         if self._closing:
@@ -502,6 +504,8 @@ class IceSession:
             async with asyncio.timeout(self.gather_timeout):
                 await self._conn.gather_candidates()
         except TimeoutError:
+            self._set_failed("gather-timeout")
+            await self.close()
             raise IceFailed("gather-timeout", f"after {self.gather_timeout}s") from None
         await self._drop_excluded()
         self._limit_retries()
@@ -514,6 +518,8 @@ class IceSession:
             self._warn(f"STUN {self.servers.stun[0][0]}:{self.servers.stun[0][1]} gave no "
                        "server-reflexive candidate")
         if not candidates:
+            self._set_failed("no-candidates")
+            await self.close()
             raise IceFailed("no-candidates")
         self._local = ["candidate:" + c.to_sdp() for c in candidates]
         return list(self._local)
@@ -720,7 +726,9 @@ class IceSession:
     # -- after connecting --
 
     async def _watch(self) -> None:
-        await self._conn.get_event()  # only ever ConnectionClosed: consent expired, or close()
+        # A safety net: aioice closes a connection by itself only from its own consent loop,
+        # which connect() cancels; any other close is ours.
+        await self._conn.get_event()
         if not self._closing:
             self._lost("consent-expired")
 
@@ -843,14 +851,15 @@ class IceSession:
 
     async def close(self) -> None:
         """Stop checks and consent, release sockets and the TURN allocation (bounded).
-        Idempotent; readers are woken."""
-        if self._closing:
-            return
-        self._closing = True
-        current = asyncio.current_task()
+        Idempotent; every caller returns once the closing is done; readers are woken."""
+        if self._close_task is None:
+            self._closing = True
+            self._close_task = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._close_task)
+
+    async def _close(self) -> None:
         for task in list(self._tasks):
-            if task is not current:
-                task.cancel()
+            task.cancel()
         self._wake_readers(self.failure_reason or "closed")
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT):
@@ -858,4 +867,3 @@ class IceSession:
         except TimeoutError:
             log.warning("ICE close did not finish in %ss (TURN server unreachable?)",
                         CLOSE_TIMEOUT)
-        self._closed = True

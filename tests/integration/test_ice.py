@@ -358,3 +358,39 @@ async def test_gather_excludes_networks_and_bounds_remote_input(bed: Bed) -> Non
     finally:
         await peer.close()
 
+
+
+# --- failure modes that must be clear ---------------------------------------------------------
+
+
+async def test_turn_server_that_refuses_the_peers_range_fails_in_time(bed: Bed) -> None:
+    """A strict TURN server (private and reserved peers denied, the usual production
+    setting) allocates fine but relays nothing to the test ranges: a clear IceFailed within
+    the bound, not a hang."""
+    strict = Coturn(bed.topo.pub, bed.topo.service_ip, 3479, allowed_peer_ips=(),
+                    denied_peer_ips=("10.0.0.0-10.255.255.255", "198.18.0.0-198.19.255.255"),
+                    min_port=40000, max_port=40999)
+    with strict:
+        host, port, user, password = strict.turn_credentials
+        servers = IceServers(turn=(TurnServer(host, port, user, password),))
+        async with pair(bed.home, bed.phone, servers) as (a, b):
+            ra, rb, took = await negotiate(a, b)
+            assert any(" typ relay " in c for c in a.candidates)  # allocating still works
+            assert isinstance(ra, IceFailed) and isinstance(rb, IceFailed), (ra, rb)
+            assert took < CONNECT_TIMEOUT + 2.0
+            print(f"strict TURN: {ra.reason}/{rb.reason} after {took:.2f}s")
+
+
+async def test_wrong_turn_password_is_reported_at_gather(bed: Bed) -> None:
+    host, port, user, _ = bed.turn.turn_credentials
+    servers = IceServers(stun=(bed.turn.stun_address,),
+                         turn=(TurnServer(host, port, user, "not-the-password"),))
+    peer = Peer(bed.phone, "w", True, servers)
+    try:
+        started = time.monotonic()
+        candidates = await peer.gather()
+        assert not any(" typ relay " in c for c in candidates)
+        assert any("TURN" in w and "no relayed candidate" in w for w in peer.session.warnings)
+        assert time.monotonic() - started < 6.0
+    finally:
+        await peer.close()

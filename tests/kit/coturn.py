@@ -14,8 +14,12 @@ config file is read (``-n``), no CLI, no TLS/DTLS. STUN and TURN (long-term cred
 
 Pitfalls handled here (TESTBED.md):
 
-* coturn refuses to relay to private and reserved ranges by default; the test ranges
-  (``10.0.0.0/8``, ``198.18.0.0/15``) are allowed explicitly with ``--allowed-peer-ip``.
+* Peer address filters: Debian's ``/etc/turnserver.conf`` (and most production configs) deny
+  relaying to private and reserved ranges. This kit reads no config file (``-n``), and coturn
+  4.6.1 then denies none of the test ranges by itself (verified), but the test ranges
+  (``10.0.0.0/8``, ``198.18.0.0/15``) are still allowed explicitly with ``--allowed-peer-ip``,
+  which wins over any ``--denied-peer-ip`` (verified: with both, relaying works; with only the
+  deny, every relayed check fails). ``denied_peer_ips`` lets a test reproduce a strict server.
 * coturn drops a whole allocation when a send to a peer fails locally (ENETUNREACH): the
   namespace it runs in needs a default route. :class:`Coturn` adds a sink route to a namespace
   that has none (``Topology.pub`` already has one).
@@ -164,6 +168,7 @@ class Coturn:
         relay_ip: str | None = None,
         external_ip: str | None = None,
         allowed_peer_ips: Sequence[str] = ALLOWED_PEER_RANGES,
+        denied_peer_ips: Sequence[str] = (),
         min_port: int = 49152,
         max_port: int = 65535,
         verbose: bool = False,
@@ -182,6 +187,7 @@ class Coturn:
         self.relay_ip = relay_ip or ip
         self.external_ip = external_ip
         self.allowed_peer_ips = tuple(allowed_peer_ips)
+        self.denied_peer_ips = tuple(denied_peer_ips)
         self.min_port = min_port
         self.max_port = max_port
         self.verbose = verbose
@@ -252,6 +258,8 @@ class Coturn:
             cmd += ["--external-ip", self.external_ip]
         for peer_range in self.allowed_peer_ips:
             cmd.append(f"--allowed-peer-ip={peer_range}")
+        for peer_range in self.denied_peer_ips:
+            cmd.append(f"--denied-peer-ip={peer_range}")
         if self.verbose:
             cmd.append("--verbose")
         return cmd
