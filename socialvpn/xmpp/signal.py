@@ -30,6 +30,9 @@ Rules (RELIABILITY rows 7, 8, 24; NetBird's ``OfferAnswer.SessionID``):
   loser's offer (returns ``[]``), the loser abandons its own and answers. ICE controlling side =
   greater device id.
 * A new offer while CONNECTING/CONNECTED means the peer restarted: stop the old ICE, answer.
+* Timers (one armed at a time, :meth:`LinkSignaling.next_deadline`): ``offer_timeout`` without
+  an answer -> WAITING (an answer arriving during the backoff is still taken up);
+  ``connect_timeout`` in CONNECTING -> like an ICE failure; the backoff in WAITING -> new offer.
 * Rejected input changes nothing (no state, no sequence number consumed).
 
 Everything a peer can do wrong raises :class:`ProtocolError` (reasons ``malformed``, ``oversize``,
