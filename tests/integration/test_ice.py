@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import os
+import struct
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
@@ -31,7 +33,10 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
+from socialvpn.link.device import Device, PeerConfig
 from socialvpn.link.ice import (
     IceFailed,
     IceResult,
@@ -40,7 +45,10 @@ from socialvpn.link.ice import (
     IceTransport,
     TurnServer,
 )
-from tests.kit.coturn import Coturn
+from socialvpn.link.noise import public_bytes
+from socialvpn.net.fake import FakeTun
+from socialvpn.net.packet_router import PacketRouter
+from tests.kit.coturn import Coturn, cleanup_stale_coturn
 from tests.kit.env import integration_unavailable_reason
 from tests.kit.netns import NETNS_DIR, NetLab, Netns, Site, Topology, _libc_setns
 
@@ -136,6 +144,7 @@ def bed() -> Iterator[Bed]:
     reason = integration_unavailable_reason(("ip", "nft", "turnserver"))
     if reason:
         pytest.skip(f"ICE test bed unavailable: {reason}")
+    cleanup_stale_coturn()  # servers and work dirs of crashed runs only
     with NetLab() as lab:
         topo = lab.topology()
         sites = (topo.add_site("open"), topo.add_site("home", nat="eim"),
@@ -394,3 +403,54 @@ async def test_wrong_turn_password_is_reported_at_gather(bed: Bed) -> None:
         assert time.monotonic() - started < 6.0
     finally:
         await peer.close()
+
+
+# --- the link device on top ------------------------------------------------------------------
+
+
+def _ipv4(src: str, dst: str, payload: bytes) -> bytes:
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 0, 0, 64, 17, 0,
+                         ipaddress.ip_address(src).packed, ipaddress.ip_address(dst).packed)
+    return header + payload
+
+
+def _keypair() -> tuple[bytes, bytes]:
+    key = X25519PrivateKey.generate()
+    return key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()), public_bytes(key)
+
+
+async def test_wireguard_devices_over_a_relayed_ice_pair(bed: Bed) -> None:
+    """The real link device (handshake, sealing, timers) runs its blocking threads on
+    IceTransport across a symmetric NAT through TURN: inner packets flow both ways."""
+    async with pair(bed.home, bed.phone, bed.with_turn) as (a, b):
+        ra, rb, _ = await negotiate(a, b)
+        assert isinstance(ra, IceResult) and isinstance(rb, IceResult), (ra, rb)
+        assert ra.path == "turn"
+        ta = await a.loop.call(a.session.transport)
+        tb = await b.loop.call(b.session.transport)
+        (ka, pa), (kb, pb) = _keypair(), _keypair()
+        da = Device(ka, FakeTun(capacity=1000), ta, PacketRouter())
+        db = Device(kb, FakeTun(capacity=1000), tb, PacketRouter())
+        da.add_peer(PeerConfig(pb, ("10.9.0.2/32",), ra.remote_addr))
+        db.add_peer(PeerConfig(pa, ("10.9.0.1/32",), rb.remote_addr))
+        da.start()
+        db.start()
+
+        def traffic() -> None:
+            for i in range(20):
+                da.tun.inject(_ipv4("10.9.0.1", "10.9.0.2", b"ping %d" % i))
+            got = [db.tun.take_written(timeout=5) for _ in range(20)]
+            assert got[0].endswith(b"ping 0") and got[-1].endswith(b"ping 19")
+            db.tun.inject(_ipv4("10.9.0.2", "10.9.0.1", b"pong"))
+            assert da.tun.take_written(timeout=5).endswith(b"pong")
+
+        try:
+            await asyncio.to_thread(traffic)
+            stats = da.stats()
+            assert stats["peers"][0]["handshakes"] == 1
+            assert stats["peers"][0]["endpoint_changes"] == 0  # one far end: the ICE pair
+            assert stats["transport_errors"] == {}
+        finally:
+            await asyncio.gather(asyncio.to_thread(da.stop), asyncio.to_thread(db.stop))
+            ta.close()
+            tb.close()
