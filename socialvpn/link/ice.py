@@ -24,7 +24,8 @@ Contracts:
   never finishes: TESTBED.md), ``close()`` by :data:`CLOSE_TIMEOUT`.
 * ``stun_retry_max`` lowers the retransmissions of this session's connectivity checks only
   (aioice reads the process-wide ``aioice.stun.RETRY_MAX`` per transaction; this module never
-  changes it).
+  changes it). aioice's TURN client (allocate, refresh, channel bind, delete) keeps its own
+  7 tries (63.5 s): the outer bounds above cover gathering and closing.
 * After ``connect()``, losing the selected pair sets :attr:`IceSession.failed` and calls
   ``on_failed(reason)`` once: ``consent-expired`` (``consent_failures`` consecutive checks,
   one every ~``consent_interval`` s, unanswered: ~30 s by default), or ``connection-lost``
