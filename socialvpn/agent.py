@@ -227,7 +227,21 @@ class Agent(XmppListener):
         if isinstance(op, stanzas.Leave):
             self._receive_leave(op.gid, bare, resource)
             return None
+        if isinstance(op, stanzas.LinkMessage):
+            self._receive_link(op, bare, resource)
+            return None
         raise ProtocolError("unknown group operation", "unknown")
+
+    def _receive_link(self, msg: stanzas.LinkMessage, bare: str, resource: str) -> None:
+        """Link signalling is taken only from a device we share a group with (per the signed
+        documents); anything else is refused before any ICE work starts."""
+        device_id = resource.removeprefix("svpn-")
+        plan = groups.link_plans(self.book.docs(), self.device.id).get(device_id)
+        if plan is None or plan.jid != bare:
+            raise ProtocolError(f"link signalling from {bare}/{resource}, which shares no "
+                                "group with us", "not-member")
+        # Links between members are set up by the link manager (next step of issue 4).
+        raise ProtocolError("links are not set up by this version yet", "unknown")
 
     def _is_friend(self, jid: str) -> bool:
         if jid == self.cfg.account.jid:

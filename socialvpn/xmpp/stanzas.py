@@ -19,6 +19,7 @@ from slixmpp.xmlstream import ElementBase, register_stanza_plugin
 
 from ..errors import ProtocolError
 from ..keys import device_id_of, unb64_key
+from .signal import Kind, LinkMessage, validate
 
 NS = "urn:xmpp:socialvpn:0"
 PROTOCOL_VERSION = "0"
@@ -140,7 +141,7 @@ def parse_iq_payload(xml: ET.Element, known: frozenset[str]) -> tuple[str, ET.El
 
 # --- group operations (IQ payloads) ----------------------------------------------------------
 
-GROUP_OPS = frozenset({"join", "invite", "membership", "leave"})
+GROUP_OPS = frozenset({"join", "invite", "membership", "leave", "link"})
 _GID_RE = re.compile(r"[0-9a-f]{32}")
 _GROUP_NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,10}")
 
@@ -177,7 +178,7 @@ class Leave:
     gid: str
 
 
-GroupOp = JoinRequest | Invitation | MembershipPush | MembershipFetch | Leave
+GroupOp = JoinRequest | Invitation | MembershipPush | MembershipFetch | Leave | LinkMessage
 
 
 def _gid(xml: ET.Element, required: bool = True) -> str:
@@ -229,7 +230,32 @@ def parse_group_op(xml: ET.Element, iq_type: str) -> GroupOp:
                           owner)
     if op == "leave":
         return Leave(_gid(xml))
+    if op == "link":
+        return _parse_link(xml)
     raise ProtocolError(f"unknown operation <{op}/>", "unknown")
+
+
+def _parse_link(xml: ET.Element) -> LinkMessage:
+    """``<link sid seq kind [ufrag pwd end reason]><candidate>...</candidate>*</link>``.
+    Keys never travel here: they come from signed membership documents only."""
+    try:
+        kind = Kind(_attr(xml, "kind", 16))
+    except ValueError:
+        raise ProtocolError("unknown link message kind", "malformed") from None
+    seq_text = _attr(xml, "seq", 10)
+    if not seq_text.isascii() or not seq_text.isdigit():
+        raise ProtocolError("seq is not a number", "malformed")
+    candidates = []
+    for child in xml:
+        if _local(child.tag) != "candidate" or len(child) or child.attrib:
+            raise ProtocolError("unexpected element in <link/>", "malformed")
+        candidates.append((child.text or "").strip())
+    if (xml.text or "").strip():
+        raise ProtocolError("text in <link/>", "malformed")
+    return validate(LinkMessage(
+        kind=kind, sid=_attr(xml, "sid", 16), seq=int(seq_text),
+        ufrag=xml.get("ufrag", ""), pwd=xml.get("pwd", ""), candidates=tuple(candidates),
+        end_of_candidates=xml.get("end") == "1", reason=xml.get("reason", "")))
 
 
 def _element(op: str, **attrs: str) -> ET.Element:
@@ -252,4 +278,15 @@ def make_group_op(op: GroupOp) -> tuple[str, ET.Element]:
         return "set", el
     if isinstance(op, MembershipFetch):
         return "get", _element("membership", gid=op.gid)
+    if isinstance(op, LinkMessage):
+        attrs = {"sid": op.sid, "seq": str(op.seq), "kind": str(op.kind)}
+        for key, value in (("ufrag", op.ufrag), ("pwd", op.pwd), ("reason", op.reason)):
+            if value:
+                attrs[key] = value
+        if op.end_of_candidates:
+            attrs["end"] = "1"
+        el = _element("link", **attrs)
+        for candidate in op.candidates:
+            ET.SubElement(el, f"{{{NS}}}candidate").text = candidate
+        return "set", el
     return "set", _element("leave", gid=op.gid)

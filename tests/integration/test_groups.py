@@ -109,6 +109,16 @@ async def test_forged_documents_are_refused(prosody_tls, agent_factory, unique_u
                                         "mallory's request")
         assert joins[0]["jid"].startswith(mallory) and _group(alice)["devices"] == 2
 
+        # Link signalling from a device that shares no group: refused, counted, no ICE.
+        offer = stanzas.LinkMessage(kind=stanzas.Kind.OFFER, sid="0123456789abcdef", seq=0,
+                                    ufrag="abcd", pwd="p" * 22)
+        _, payload = stanzas.make_group_op(offer)
+        assert await _iq_error(client, bob_full, payload) == "forbidden"
+        dropped = await asyncio.to_thread(
+            wait_for, lambda: bob.status()["counters"]["stanzas_dropped"].get("not-member"), 10,
+            "the refused offer to be counted")
+        assert dropped == 1
+
         def push(text: str):
             return el("membership", text, ver="0")
         # Garbage, a well-formed but unsigned document, and an unsolicited group.

@@ -61,7 +61,7 @@ async def test_hostile_stanzas_are_dropped_and_counted(prosody_tls, agent_factor
     client = await _sign_in(prosody_tls, mallory, "m-pass")
     try:
         conditions = {
-            "unknown-op": await _iq_error(client, full, el("link", ver="0", sid="x")),
+            "unknown-op": await _iq_error(client, full, el("frobnicate", ver="0", sid="x")),
             "bad-version": await _iq_error(client, full, el("link", ver="99")),
             "oversize": await _iq_error(client, full, el("link", "A" * 120_000, ver="0")),
             "no-version": await _iq_error(client, full, el("hello")),
