@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import logging
 import os
@@ -24,6 +25,15 @@ from .state import GROUPS_FILE, REQUESTS_FILE, StateDir
 from .web.app import APIServer
 from .xmpp import stanzas
 from .xmpp.client import ConnectionStatus, XmppClient, XmppListener
+from .xmpp.signal import (
+    AddRemoteCandidates,
+    LinkMessage,
+    LinkSignaling,
+    Role,
+    SendMessage,
+    StartIce,
+    StopIce,
+)
 from .xmpp.stanzas import DeviceInfo
 
 log = logging.getLogger("socialvpn.agent")
@@ -93,6 +103,7 @@ class Agent(XmppListener):
         self._requests: dict[str, dict[str, Any]] = self._load_requests()
         self.book = GroupBook(state)
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.links = LinkHub(self)
         self._drop_logged: dict[str, float] = {}
         self.running = False
         # Set when the agent cannot go on (the server refused the password at start-up).
@@ -103,12 +114,14 @@ class Agent(XmppListener):
     async def start(self) -> None:
         await self.api.start()
         self.xmpp.start()
+        self.links.start()
         self.running = True
         log.info("agent up: device %s (%s), API at %s", self.device.id, self.cfg.device.name,
                  self.state.api_socket)
 
     async def stop(self) -> None:
         self.running = False
+        await self.links.stop()
         for task in list(self._tasks):
             task.cancel()
         await self.xmpp.stop()
@@ -227,21 +240,22 @@ class Agent(XmppListener):
         if isinstance(op, stanzas.Leave):
             self._receive_leave(op.gid, bare, resource)
             return None
-        if isinstance(op, stanzas.LinkMessage):
+        if isinstance(op, stanzas.LinkSignal):
             self._receive_link(op, bare, resource)
             return None
         raise ProtocolError("unknown group operation", "unknown")
 
-    def _receive_link(self, msg: stanzas.LinkMessage, bare: str, resource: str) -> None:
-        """Link signalling is taken only from a device we share a group with (per the signed
-        documents); anything else is refused before any ICE work starts."""
+    def _receive_link(self, signal: stanzas.LinkSignal, bare: str, resource: str) -> None:
+        """Link signalling is taken only from a device we share the named group with (per the
+        signed documents); anything else is refused before any ICE work starts."""
         device_id = resource.removeprefix("svpn-")
-        plan = groups.link_plans(self.book.docs(), self.device.id).get(device_id)
-        if plan is None or plan.jid != bare:
+        doc = self.book.doc(signal.gid) if signal.gid in self.book.groups else None
+        found = doc.device(device_id) if doc is not None else None
+        if (doc is None or found is None or found[0] != bare
+                or doc.device(self.device.id) is None or device_id == self.device.id):
             raise ProtocolError(f"link signalling from {bare}/{resource}, which shares no "
                                 "group with us", "not-member")
-        # Links between members are set up by the link manager (next step of issue 4).
-        raise ProtocolError("links are not set up by this version yet", "unknown")
+        self.links.receive(signal.gid, device_id, bare, signal.msg)
 
     def _is_friend(self, jid: str) -> bool:
         if jid == self.cfg.account.jid:
@@ -328,12 +342,14 @@ class Agent(XmppListener):
         if doc.device(self.device.id) is None:
             del self.book.groups[gid]
             self.book.save()
+            self.links.changed()
             log.warning("removed from group %s by its owner", doc.name)
             self.events.publish("group.removed", gid=gid, name=doc.name)
             return
         self.book.groups[gid] = (pin, signed)
         self.book.save()
         self.events.publish("group.changed", gid=gid, name=doc.name, epoch=doc.epoch)
+        self.links.changed()
 
     def _receive_leave(self, gid: str, bare: str, resource: str) -> None:
         if not self._owned(gid):
@@ -390,6 +406,7 @@ class Agent(XmppListener):
         signed = groups.sign(doc, self.keys.sign)
         self.book.groups[gid] = (self.book.groups[gid][0], signed)
         self.book.save()
+        self.links.changed()
         self.events.publish("group.changed", gid=gid, name=doc.name, epoch=doc.epoch)
         self._spawn(self._push(gid, extra=also))
 
@@ -483,6 +500,7 @@ class Agent(XmppListener):
             raise APIError(str(exc), 400) from None
         self.book.groups[doc.gid] = (self.device.sign, groups.sign(doc, self.keys.sign))
         self.book.save()
+        self.links.changed()
         self.events.publish("group.changed", gid=doc.gid, name=name, epoch=doc.epoch)
         return self._summary(doc.gid)
 
@@ -553,6 +571,7 @@ class Agent(XmppListener):
             log.info("the owner did not hear that we left %s: %s", name, exc)
         del self.book.groups[gid]
         self.book.save()
+        self.links.changed()
         self.events.publish("group.removed", gid=gid, name=name)
         return {"group": name, "result": "left"}
 
@@ -688,3 +707,220 @@ def key_fingerprint(sign_key_b64: str) -> str:
     """An owner's signing key as people compare it: 8 groups of 4 hex digits."""
     digest = hashlib.sha256(base64.b64decode(sign_key_b64)).hexdigest()[:32]
     return " ".join(digest[i:i + 4] for i in range(0, 32, 4))
+
+
+class LinkHub:
+    """The links of every group this device is in: a TUN device and a ``GroupLinks`` per
+    group, and a signalling state machine per (group, peer device). It turns signalling
+    actions into XMPP messages and ICE calls, and ICE events back into signalling."""
+
+    TICK = 0.2
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.enabled = agent.cfg.link.enabled
+        self.groups: dict[str, Any] = {}  # gid -> GroupLinks
+        self.tuns: dict[str, Any] = {}  # gid -> TunDevice
+        self.signals: dict[tuple[str, str], LinkSignaling] = {}
+        self.jids: dict[tuple[str, str], str] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.failures: dict[tuple[str, str], str] = {}
+
+    def start(self) -> None:
+        if self.enabled:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="links")
+            self.changed()
+
+    def changed(self) -> None:
+        self._wake.set()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        for gid in list(self.groups):
+            await self._drop_group(gid)
+
+    async def _loop(self) -> None:
+        while True:
+            if self._wake.is_set():
+                self._wake.clear()
+                try:
+                    await self._sync()
+                except Exception:
+                    log.exception("link set-up failed")
+            now = time.monotonic()
+            for key, sig in list(self.signals.items()):
+                deadline = sig.next_deadline()
+                if deadline is not None and deadline <= now:
+                    self._run(key, sig.handle_timer(now))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.TICK)
+
+    async def _sync(self) -> None:
+        agent = self.agent
+        me = agent.device.id
+        wanted = {gid: agent.book.doc(gid) for gid in agent.book.groups
+                  if agent.book.doc(gid).device(me) is not None}
+        for gid in list(self.groups):
+            if gid not in wanted:
+                await self._drop_group(gid)
+        for gid, doc in wanted.items():
+            if gid not in self.groups:
+                await self._add_group(gid, doc)
+            links = self.groups[gid]
+            plans = groups.link_plans([doc], me)
+            for peer_id, plan in plans.items():
+                links.set_peer(peer_id, base64.b64decode(plan.key), plan.allowed_ips)
+                key = (gid, peer_id)
+                if key not in self.signals:
+                    sig = LinkSignaling(me, peer_id, rng=os.urandom)
+                    self.signals[key] = sig
+                    self.jids[key] = plan.jid
+                    self._run(key, sig.start(time.monotonic()))
+            for key in [k for k in self.signals if k[0] == gid and k[1] not in plans]:
+                sig = self.signals.pop(key)
+                self._run(key, sig.close(time.monotonic()), jid=self.jids.pop(key, None))
+                await links.remove_peer(key[1])
+
+    async def _add_group(self, gid: str, doc: groups.MembershipDocument) -> None:
+        from .link.ice import IceServers, TurnServer
+        from .link.manager import GroupLinks
+        from .net.packet_router import PacketRouter
+        from .net.router import InterfaceSpec, Router
+        from .net.tun import TunDevice
+
+        cfg = self.agent.cfg
+        _, mine = doc.device(self.agent.device.id)  # type: ignore[misc]
+        name = f"svpn-{doc.name}"
+        prefix4 = doc.subnet4.split("/")[1]
+        tun = await asyncio.to_thread(TunDevice.open, name, cfg.link.mtu, offloads=True)
+        spec = InterfaceSpec(name=name, mtu=cfg.link.mtu,
+                             addresses=(f"{mine.ip4}/{prefix4}", f"{doc.ip6_of(mine)}/64"))
+        router = Router()
+        try:
+            await asyncio.to_thread(router.apply, spec)
+        finally:
+            router.close()
+        turn = []
+        for t in cfg.ice.turn:
+            host_port = t.url.split(":", 1)[1].split("?")[0]
+            host, _, port = host_port.rpartition(":")
+            turn.append(TurnServer(host or host_port, int(port or 3478), t.username, t.password))
+        servers = IceServers(stun=tuple((s.host, s.port) for s in cfg.ice.stun),
+                             turn=tuple(turn))
+        links = GroupLinks(private_key=self.agent.keys.x25519_private, tun=tun,
+                           routes=PacketRouter(), servers=servers, mtu=cfg.link.mtu,
+                           on_event=lambda ev, gid=gid: self._on_event(gid, ev),
+                           exclude_networks=(doc.subnet4, doc.prefix6))
+        links.start()
+        self.groups[gid] = links
+        self.tuns[gid] = tun
+        log.info("group %s: %s up with %s and %s", doc.name, name, mine.ip4, doc.ip6_of(mine))
+
+    async def _drop_group(self, gid: str) -> None:
+        from .net.router import Router
+
+        links = self.groups.pop(gid)
+        for key in [k for k in self.signals if k[0] == gid]:
+            sig = self.signals.pop(key)
+            self._run(key, sig.close(time.monotonic()), jid=self.jids.pop(key, None))
+        await links.stop()
+        tun = self.tuns.pop(gid, None)
+        name = getattr(tun, "name", None)
+        if tun is not None:
+            tun.close()
+        if name:
+            router = Router()
+            try:
+                await asyncio.to_thread(router.remove, name)
+            except Exception as exc:
+                log.debug("removing %s: %s", name, exc)
+            finally:
+                router.close()
+
+    # --- signalling <-> ICE ----------------------------------------------------------------
+
+    def receive(self, gid: str, peer_id: str, jid: str, msg: LinkMessage) -> None:
+        if gid not in self.groups:
+            raise ProtocolError("links of that group are not up here", "state")
+        key = (gid, peer_id)
+        sig = self.signals.get(key)
+        if sig is None:
+            sig = LinkSignaling(self.agent.device.id, peer_id, rng=os.urandom)
+            self.signals[key] = sig
+            self.jids[key] = jid
+        self._run(key, sig.receive(msg, time.monotonic()))
+
+    def _on_event(self, gid: str, event: Any) -> None:
+        key = (gid, event.peer_id)
+        sig = self.signals.get(key)
+        if sig is None:
+            return
+        now = time.monotonic()
+        if event.kind == "candidates":
+            self._run(key, sig.local_candidates(tuple(event.candidates), event.end, now))
+        elif event.kind == "connected":
+            self.failures.pop(key, None)
+            self._run(key, sig.ice_connected(now))
+        elif event.kind == "failed":
+            self.failures[key] = event.reason
+            self._run(key, sig.ice_failed(event.reason, now))
+
+    def _run(self, key: tuple[str, str], actions: list[Any], jid: str | None = None) -> None:
+        if actions:
+            self.agent._spawn(self._execute(key, actions, jid or self.jids.get(key)))
+
+    async def _execute(self, key: tuple[str, str], actions: list[Any], jid: str | None) -> None:
+        gid, peer_id = key
+        links = self.groups.get(gid)
+        for action in actions:
+            try:
+                if isinstance(action, SendMessage):
+                    if jid and self.agent.xmpp.connected:
+                        await self.agent.xmpp.send_group_op(
+                            f"{jid}/svpn-{peer_id}", stanzas.LinkSignal(gid, action.msg))
+                elif links is None:
+                    continue
+                elif isinstance(action, StartIce):
+                    await links.start_ice(peer_id, controlling=action.role == Role.CONTROLLING,
+                                          local_ufrag=action.local_ufrag,
+                                          local_pwd=action.local_pwd,
+                                          remote_ufrag=action.remote_ufrag,
+                                          remote_pwd=action.remote_pwd)
+                elif isinstance(action, AddRemoteCandidates):
+                    links.add_remote_candidates(peer_id, tuple(action.candidates),
+                                                action.end_of_candidates)
+                elif isinstance(action, StopIce):
+                    await links.stop_ice(peer_id)
+            except APIError as exc:
+                log.debug("link signalling to %s: %s", peer_id, exc)
+            except Exception:
+                log.exception("link action %r for %s failed", type(action).__name__, peer_id)
+
+    # --- the API ---------------------------------------------------------------------------
+
+    def peers(self) -> list[dict[str, Any]]:
+        out = []
+        agent = self.agent
+        for gid in agent.book.groups:
+            doc = agent.book.doc(gid)
+            if doc.device(agent.device.id) is None:
+                continue
+            links = self.groups.get(gid)
+            for jid, device in doc.devices():
+                if device.id == agent.device.id:
+                    continue
+                key = (gid, device.id)
+                sig = self.signals.get(key)
+                stats = links.peer_stats(device.id) if links is not None else {}
+                out.append({
+                    "group": doc.name, "jid": jid, "device": device.name, "id": device.id,
+                    "ip4": device.ip4, "ip6": doc.ip6_of(device),
+                    "signalling": str(sig.state) if sig is not None else "idle",
+                    "failure": self.failures.get(key),
+                    "fingerprint": key_fingerprint(device.sign), **stats,
+                })
+        return out

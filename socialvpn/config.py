@@ -105,6 +105,8 @@ class IceConfig:
 @dataclass(frozen=True)
 class LinkConfig:
     mtu: int = DEFAULT_MTU
+    # False: groups and signalling only, no TUN devices or links (no CAP_NET_ADMIN needed).
+    enabled: bool = True
 
 
 @dataclass(frozen=True)
@@ -340,7 +342,7 @@ def parse_config(text: str, path: Path) -> Config:
     mtu = ls.get("mtu", int, DEFAULT_MTU)
     if not 1280 <= mtu <= 9000:
         raise ConfigError(f"{ls.where('mtu')}: {mtu} is outside 1280..9000")
-    link = LinkConfig(mtu=mtu)
+    link = LinkConfig(mtu=mtu, enabled=ls.get("enabled", bool, True))
     ls.finish()
 
     top.finish()

@@ -178,7 +178,15 @@ class Leave:
     gid: str
 
 
-GroupOp = JoinRequest | Invitation | MembershipPush | MembershipFetch | Leave | LinkMessage
+@dataclass(frozen=True)
+class LinkSignal:
+    """Link signalling between two members, for the links of group ``gid``."""
+
+    gid: str
+    msg: LinkMessage
+
+
+GroupOp = JoinRequest | Invitation | MembershipPush | MembershipFetch | Leave | LinkSignal
 
 
 def _gid(xml: ET.Element, required: bool = True) -> str:
@@ -231,7 +239,7 @@ def parse_group_op(xml: ET.Element, iq_type: str) -> GroupOp:
     if op == "leave":
         return Leave(_gid(xml))
     if op == "link":
-        return _parse_link(xml)
+        return LinkSignal(_gid(xml), _parse_link(xml))
     raise ProtocolError(f"unknown operation <{op}/>", "unknown")
 
 
@@ -278,8 +286,9 @@ def make_group_op(op: GroupOp) -> tuple[str, ET.Element]:
         return "set", el
     if isinstance(op, MembershipFetch):
         return "get", _element("membership", gid=op.gid)
-    if isinstance(op, LinkMessage):
-        attrs = {"sid": op.sid, "seq": str(op.seq), "kind": str(op.kind)}
+    if isinstance(op, LinkSignal):
+        gid, op = op.gid, op.msg
+        attrs = {"gid": gid, "sid": op.sid, "seq": str(op.seq), "kind": str(op.kind)}
         for key, value in (("ufrag", op.ufrag), ("pwd", op.pwd), ("reason", op.reason)):
             if value:
                 attrs[key] = value

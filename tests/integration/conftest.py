@@ -28,6 +28,9 @@ def agent_factory(tmp_path: Path) -> Iterator[Callable[..., AgentProc]]:
         if register:
             prosody.register(user, password)
         kwargs.setdefault("ca_file", prosody.ca_file)
+        if kwargs.get("netns") is None:
+            # In the root namespace an agent must not make TUN devices: signalling only.
+            kwargs.setdefault("extra_config", "[link]\nenabled = false")
         agent = AgentProc(tmp_path / f"{user}-{len(made)}", f"{user}@{prosody.domain}",
                           login_password if login_password is not None else password,
                           server=f"{prosody.host}:{prosody.port}", **kwargs)

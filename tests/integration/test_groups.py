@@ -112,7 +112,7 @@ async def test_forged_documents_are_refused(prosody_tls, agent_factory, unique_u
         # Link signalling from a device that shares no group: refused, counted, no ICE.
         offer = stanzas.LinkMessage(kind=stanzas.Kind.OFFER, sid="0123456789abcdef", seq=0,
                                     ufrag="abcd", pwd="p" * 22)
-        _, payload = stanzas.make_group_op(offer)
+        _, payload = stanzas.make_group_op(stanzas.LinkSignal(g["gid"], offer))
         assert await _iq_error(client, bob_full, payload) == "forbidden"
         dropped = await asyncio.to_thread(
             wait_for, lambda: bob.status()["counters"]["stanzas_dropped"].get("not-member"), 10,

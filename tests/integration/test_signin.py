@@ -140,8 +140,7 @@ def test_sd_notify_ready_and_stopping(prosody_tls, agent_factory, unique_user, t
 def test_keepalive_notices_a_frozen_server(prosody_factory, agent_factory, unique_user):
     """A server that stops answering (SIGSTOP) is noticed by XMPP ping, not by TCP."""
     server = prosody_factory()
-    agent = agent_factory(server, unique_user("lou"),
-                          extra_config="", start=False)
+    agent = agent_factory(server, unique_user("lou"), start=False)
     text = agent.config.read_text().replace(
         "[xmpp]\n", "[xmpp]\nkeepalive_interval = 1.0\nkeepalive_timeout = 1.0\n"
                     "connect_timeout = 3.0\n", 1)

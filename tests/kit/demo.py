@@ -42,7 +42,9 @@ def run_demo(hold: float | None, keep: bool) -> int:
             server.register(user, f"{user}-password")
             agent = AgentProc(root / user, f"{user}@{server.domain}", f"{user}-password",
                               server=f"{server.host}:{server.port}", ca_file=ca.ca_file,
-                              device_name=f"{user}-laptop")
+                              device_name=f"{user}-laptop",
+                              # all three share this machine's namespace: no TUN devices here
+                              extra_config="[link]\nenabled = false")
             agent.init()
             agents[user] = agent
         t0 = time.monotonic()
