@@ -684,6 +684,9 @@ class Agent(XmppListener):
         self.events.publish("request.decided", jid=jid, accepted=accept)
         return {"jid": jid, "result": "accepted" if accept else "rejected"}
 
+    def peers(self) -> list[dict[str, Any]]:
+        return self.links.peers()
+
     def events_since(self, seq: int) -> list[dict[str, Any]]:
         return [e.to_json() for e in self.events.recent if e.seq > seq]
 

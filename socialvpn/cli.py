@@ -293,6 +293,50 @@ def cmd_group(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_peers(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    peers = _client(cfg).get("peers")
+    if args.json:
+        _print_json(peers)
+        return 0
+    if not peers:
+        print("no peers: join a group with other devices in it")
+        return 0
+    import time
+
+    now = time.time()
+    rows = []
+    for p in peers:
+        state = p.get("state") or p["signalling"]
+        if p.get("failure") and state != "up":
+            state += f" ({p['failure']})"
+        rtt = f"{p['rtt'] * 1000:.1f} ms" if p.get("rtt") else "-"
+        rows.append([p["group"], p["jid"], p["device"], p["ip4"], state, p.get("path") or "-",
+                     p.get("endpoint") or "-", rtt, _ago(p.get("last_handshake"), now),
+                     f"{p.get('rx_bytes', 0)}/{p.get('tx_bytes', 0)}"])
+    _table(rows, ["GROUP", "JID", "DEVICE", "ADDRESS", "STATE", "PATH", "ENDPOINT", "RTT",
+                  "HANDSHAKE", "RX/TX"])
+    return 0
+
+
+def cmd_ping(args: argparse.Namespace) -> int:
+    import subprocess
+
+    cfg = load_config(args.config)
+    peers = _client(cfg).get("peers")
+    target = args.peer
+    match = [p for p in peers if target in (p["device"], p["jid"], p["id"], p["ip4"], p["ip6"])]
+    if not match:
+        raise SocialVPNError(f"no peer {target!r} (see `{PROG} peers`)")
+    p = match[0]
+    address = target if target in (p["ip4"], p["ip6"]) else p["ip4"]
+    print(f"{p['device']} ({p['jid']}) at {address} in {p['group']}: path "
+          f"{p.get('path') or 'not connected'}, endpoint {p.get('endpoint') or '-'}")
+    result = subprocess.run(["ping", "-n", "-c", str(args.count), "-W", "2", address],
+                            stdin=subprocess.DEVNULL, check=False)
+    return result.returncode
+
+
 def _decide(op: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config)
@@ -405,6 +449,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_group)
     for gp in gsub.choices.values():
         gp.set_defaults(func=cmd_group)
+
+    p = sub.add_parser("peers", parents=[common, listing],
+                       help="member devices: state, path, endpoint, RTT, handshake, traffic")
+    p.set_defaults(func=cmd_peers)
+
+    p = sub.add_parser("ping", parents=[common], help="ping a peer over the group network")
+    p.add_argument("peer", metavar="PEER", help="device name, JID, device id or address")
+    p.add_argument("-c", "--count", type=int, default=3, help="how many echo requests")
+    p.set_defaults(func=cmd_ping)
 
     p = sub.add_parser("requests", parents=[common, listing],
                        help="pending friend requests, join requests and invitations")

@@ -35,6 +35,8 @@ class AgentAPI(Protocol):
 
     def groups(self) -> list[dict[str, Any]]: ...
 
+    def peers(self) -> list[dict[str, Any]]: ...
+
     def group_show(self, name: str) -> dict[str, Any]: ...
 
     async def group_create(self, name: str, subnet: str | None) -> dict[str, Any]: ...
@@ -161,6 +163,11 @@ async def post_groups(agent: AgentAPI, body: dict[str, Any]) -> Any:
     if op == "leave":
         return await agent.group_leave(_name(body))
     raise APIError("'op' must be one of create, invite, join, remove, leave", 400)
+
+
+@ROUTES.add("GET", "peers")
+async def get_peers(agent: AgentAPI, body: dict[str, Any]) -> Any:
+    return agent.peers()
 
 
 @ROUTES.add("GET", "events")

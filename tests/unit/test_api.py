@@ -536,7 +536,7 @@ def test_global_routes() -> None:
     assert set(ROUTES.routes) == {
         ("GET", "status"), ("GET", "friends"), ("POST", "friends"), ("GET", "requests"),
         ("POST", "requests"), ("GET", "events"), ("GET", "groups"), ("GET", "groups/{name}"),
-        ("POST", "groups"),
+        ("POST", "groups"), ("GET", "peers"),
     }
     for (method, _), route in ROUTES.routes.items():
         assert route.mutating is (method != "GET")
