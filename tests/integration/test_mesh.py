@@ -1,0 +1,85 @@
+"""Issue 4 acceptance 1, with every real part: Prosody and coturn in a "pub" namespace, three
+users in their own namespaces — alice (no NAT), bob (endpoint-independent NAT), carol
+(symmetric NAT). The group is formed through the real CLI; then every device pings every
+other over the group's IPv4 and IPv6 addresses, and `peers --json` reports the paths."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.kit.agents import AgentProc, befriend, wait_for
+from tests.kit.coturn import Coturn
+from tests.kit.netns import NetLab
+from tests.kit.prosody import Prosody
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def mesh(netns_factory: NetLab, test_ca, tmp_path: Path) -> Iterator[dict[str, AgentProc]]:
+    topo = netns_factory.topology()
+    sites = {"alice": topo.add_site("alice"), "bob": topo.add_site("bob", nat="eim"),
+             "carol": topo.add_site("carol", nat="symmetric")}
+    server = Prosody(tmp_path / "prosody", netns=topo.pub, host=topo.service_ip, ca=test_ca)
+    agents: dict[str, AgentProc] = {}
+    with Coturn(topo.pub, topo.service_ip) as turn:
+        host, port, user, password = turn.turn_credentials
+        ice = (f'[ice]\nstun = ["{host}:{port}"]\n'
+               f'turn = [{{ url = "turn:{host}:{port}", username = "{user}", '
+               f'password = "{password}" }}]\n')
+        try:
+            server.start()
+            for name, site in sites.items():
+                server.register(name, f"{name}-pw")
+                agent = AgentProc(tmp_path / name, f"{name}@{server.domain}", f"{name}-pw",
+                                  server=f"{server.host}:{server.port}", ca_file=test_ca.ca_file,
+                                  netns=site.host.name, extra_config=ice)
+                agent.init()
+                agent.start()
+                agents[name] = agent
+            for agent in agents.values():
+                agent.wait_connected(timeout=20)
+            yield agents
+        finally:
+            for agent in agents.values():
+                agent.stop()
+            server.close()
+
+
+def _peer(agent: AgentProc, device: str) -> dict | None:
+    return next((p for p in agent.json("peers") if p["device"] == device), None)
+
+
+def test_three_users_full_mesh_through_nat(mesh):
+    alice, bob, carol = mesh["alice"], mesh["bob"], mesh["carol"]
+    befriend(alice, bob)
+    befriend(alice, carol)
+    alice.json("group", "create", "lab", "--subnet", "10.77.0.0/24")
+    bob.json("group", "join", alice.jid, "lab")
+    wait_for(lambda: alice.json("requests")["joins"], 10, "bob's join request")
+    alice.json("accept", bob.jid, "--group", "lab")
+    alice.json("group", "invite", "lab", carol.jid)
+    wait_for(lambda: carol.json("requests")["invitations"], 10, "carol's invitation")
+    carol.json("accept", alice.jid, "--group", "lab")
+    ips = {"alice": "10.77.0.1", "bob": "10.77.0.2", "carol": "10.77.0.3"}
+
+    def up(a: AgentProc, b: str) -> dict | None:
+        p = _peer(a, b)
+        return p if p and p.get("state") == "up" else None
+
+    pairs = [(alice, "bob"), (alice, "carol"), (bob, "alice"), (bob, "carol"),
+             (carol, "alice"), (carol, "bob")]
+    for a, b in pairs:
+        wait_for(lambda a=a, b=b: up(a, b), 45, f"{a.user} -> {b} link up",
+                 lambda a=a: a.log_tail(40))
+    assert up(alice, "bob")["path"] == "direct"
+    assert up(bob, "carol")["path"] == "turn"
+    for a, b in pairs:
+        result = a.cli("ping", ips[b], "-c", "2", check=False, timeout=30)
+        assert result.returncode == 0, f"{a.user} -> {b}: {result.stdout} {result.stderr}"
+        ip6 = up(a, b)["ip6"]
+        r6 = a.cli("ping", ip6, "-c", "2", check=False, timeout=30)
+        assert r6.returncode == 0, f"{a.user} -> {b} over IPv6: {r6.stdout} {r6.stderr}"
