@@ -1,0 +1,558 @@
+"""All links of one group: one WireGuard :class:`~.device.Device` over a multiplexed
+transport whose per-peer paths are ICE sessions.
+
+The orchestrator (``agent.py``) does the signalling (offer/answer/candidates over XMPP) and
+drives a :class:`GroupLinks` from its event loop::
+
+    links = GroupLinks(private_key=k, tun=tun, routes=PacketRouter(), servers=servers,
+                       on_event=handle)          # handle(LinkEvent) runs on the loop
+    links.start()
+    links.set_peer("dev-b", b_public_key, ("10.77.0.2/32",))
+    await links.start_ice("dev-b", controlling=True, local_ufrag=u, local_pwd=p,
+                          remote_ufrag=ru, remote_pwd=rp)
+    # -> LinkEvent("candidates", end=True): send them to the peer
+    links.add_remote_candidates("dev-b", theirs, end=True)
+    # -> LinkEvent("connected", result=IceResult) or LinkEvent("failed", reason=...)
+    ...
+    await links.stop()
+
+How the pieces fit:
+
+* :class:`MuxTransport` is the Device's :class:`~.transport.DatagramIO`. Every peer has one
+  stable *address token* (``sockaddr(peer_id, 0)``), a reserved IPv4 address from
+  ``240.0.0.0/4`` with port 0, so the Device's endpoint bookkeeping, cookies and rate limits
+  work unchanged. ``sendto(token)`` goes to the peer's attached path (an
+  :class:`~.ice.IceTransport`); with none attached the datagram is dropped and counted
+  (``no-path``). Each attached path has one small pump thread that moves what it receives,
+  tagged with the peer's token, into one bounded queue the Device's UDP thread reads.
+* When ICE selects a pair, the session's transport is attached, the Device peer's endpoint set
+  to the token and (on the controlling side) a keepalive is pushed through the Device, which
+  starts the WireGuard handshake at once instead of waiting for traffic. Only the controlling
+  side does it: two initiations crossing each other cost a ``rekey_timeout`` (5 s).
+* The Device stays the only judge of packets: a path is just a pipe. A peer with no path keeps
+  its sessions; its packets are dropped until a new path is attached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .constants import DEFAULT_TIMERS, LinkTimers
+from .device import Device, PacketIO, Peer, PeerConfig, RouteTable
+from .ice import IceFailed, IceResult, IceServers, IceSession
+from .transport import DatagramIO, SockAddr
+
+log = logging.getLogger("socialvpn.link.manager")
+
+MUX_QUEUE = 4096  # datagrams received from all paths and not yet read by the Device
+PUMP_BUFFER = 65536
+STOP_TIMEOUT = 8.0  # stop(): ICE closes (3 s each, concurrently) and the Device's threads
+ICE_STOP_TIMEOUT = 4.0  # one session's close (IceSession bounds it at 3 s)
+TOKEN_NETWORK = 240 << 24  # 240.0.0.0/4, reserved: never a real peer address
+_WAKE_ADDR: SockAddr = ("0.0.0.0", 0)
+
+
+@dataclass(frozen=True)
+class LinkEvent:
+    """What :class:`GroupLinks` reports to the orchestrator (always on its event loop).
+
+    ``candidates``: our gathered candidates to signal (``end`` = that is all of them);
+    ``connected``: ICE selected a pair (``result``) and the Device now uses it;
+    ``failed``: ICE could not connect, or lost its pair later (``reason``, an
+    :class:`~.ice.IceFailed` reason token); re-signal with a new session.
+    """
+
+    peer_id: str
+    kind: str  # "candidates" | "connected" | "failed"
+    candidates: tuple[str, ...] = ()
+    end: bool = False
+    result: IceResult | None = None
+    reason: str = ""
+
+
+# --- the multiplexed transport ---------------------------------------------------------------
+
+
+class _Path:
+    """One attached per-peer transport and the thread that pumps its receives."""
+
+    def __init__(self, peer_id: str, token: SockAddr, transport: DatagramIO) -> None:
+        self.peer_id = peer_id
+        self.token = token
+        self.transport = transport
+        self.addr: SockAddr = getattr(transport, "remote", token)
+        self.stopped = False
+        self.thread: threading.Thread | None = None
+        self.rx = 0
+        self.tx = 0
+
+
+class MuxTransport:
+    """A :class:`~.transport.DatagramIO` for one Device over many per-peer transports.
+
+    Thread-safe: ``sendto``/``send_batch``/``recv_*`` come from the Device's threads,
+    ``attach``/``detach``/``close`` from the control plane. The path table is replaced, never
+    changed in place, so the packet threads read it without a lock.
+    """
+
+    gso = False
+    gro = False
+
+    def __init__(self, queue_size: int = MUX_QUEUE) -> None:
+        self._rx: queue.Queue[tuple[bytes, SockAddr] | None] = queue.Queue(queue_size)
+        self._tokens: dict[str, SockAddr] = {}
+        self._peers: dict[SockAddr, str] = {}
+        self._paths: dict[SockAddr, _Path] = {}
+        self._lock = threading.Lock()
+        self._next = 1
+        self._closed = False
+        self.errors: dict[str, int] = {}
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self.errors[name] = self.errors.get(name, 0) + 1
+
+    # -- tokens --
+
+    def sockaddr(self, host: str, port: int) -> SockAddr:
+        """The token of peer ``host`` (a peer id; a token's own host maps to that token).
+        Stable for the life of the transport; ``port`` is ignored."""
+        with self._lock:
+            token = self._tokens.get(host)
+            if token is not None:
+                return token
+            for known in self._peers:
+                if known[0] == host:
+                    return known
+            n = self._next
+            if n >= 1 << 28:
+                raise ValueError("address tokens exhausted")
+            self._next += 1
+            value = TOKEN_NETWORK | n
+            token = (f"{value >> 24}.{(value >> 16) & 255}.{(value >> 8) & 255}.{value & 255}", 0)
+            self._tokens[host] = token
+            self._peers[token] = host
+            return token
+
+    def token(self, peer_id: str) -> SockAddr:
+        return self.sockaddr(peer_id, 0)
+
+    def peer_of(self, token: SockAddr) -> str | None:
+        return self._peers.get(token)
+
+    def forget(self, peer_id: str) -> None:
+        """Detach ``peer_id`` and drop its token (a later peer of that id gets a new one)."""
+        self.detach(peer_id)
+        with self._lock:
+            token = self._tokens.pop(peer_id, None)
+            if token is not None:
+                self._peers.pop(token, None)
+
+    # -- paths --
+
+    def attach(self, peer_id: str, transport: DatagramIO) -> SockAddr:
+        """Make ``transport`` the path of ``peer_id`` (replacing any previous one, which is
+        detached) and start pumping its receives. Returns the peer's token."""
+        if self._closed:
+            raise OSError(errno.EBADF, "MuxTransport is closed")
+        token = self.token(peer_id)
+        self.detach(peer_id)
+        path = _Path(peer_id, token, transport)
+        path.thread = threading.Thread(target=self._pump, args=(path,),
+                                       name=f"link-mux-{peer_id[:16]}", daemon=True)
+        with self._lock:
+            paths = dict(self._paths)
+            paths[token] = path
+            self._paths = paths
+        path.thread.start()
+        return token
+
+    def detach(self, peer_id: str) -> DatagramIO | None:
+        """Stop using the path of ``peer_id``: its datagrams are dropped from now on. The
+        transport is woken (its pump ends) but not closed: its owner closes it."""
+        with self._lock:
+            token = self._tokens.get(peer_id)
+            path = self._paths.get(token) if token is not None else None
+            if path is None:
+                return None
+            paths = dict(self._paths)
+            del paths[token]  # type: ignore[arg-type]
+            self._paths = paths
+        path.stopped = True
+        with contextlib.suppress(Exception):
+            path.transport.wake()
+        return path.transport
+
+    def attached(self, peer_id: str) -> bool:
+        token = self._tokens.get(peer_id)
+        return token is not None and token in self._paths
+
+    def _pump(self, path: _Path) -> None:
+        buf = bytearray(PUMP_BUFFER)
+        recv = path.transport.recv_into
+        put = self._rx.put_nowait
+        while not path.stopped:
+            try:
+                n, _addr = recv(buf)
+            except OSError:
+                break  # the path is gone (ICE lost or transport closed)
+            except Exception:
+                log.exception("receive on the path of %s failed", path.peer_id)
+                break
+            if path.stopped:
+                break
+            if n == 0:
+                continue  # a wake-up
+            path.rx += 1
+            try:
+                put((bytes(buf[:n]), path.token))
+            except queue.Full:
+                self._count("rx-queue-full")
+        if not path.stopped:
+            self._count("path-ended")
+
+    # -- DatagramIO --
+
+    def sendto(self, data: bytes | bytearray | memoryview, addr: SockAddr) -> None:
+        path = self._paths.get(addr)
+        if path is None:
+            self._count("no-path")
+            return
+        path.tx += 1
+        path.transport.sendto(data, path.addr)
+
+    def send_batch(self, messages: list[bytearray], addr: SockAddr) -> None:
+        path = self._paths.get(addr)
+        if path is None:
+            self._count("no-path")
+            return
+        path.tx += len(messages)
+        path.transport.send_batch(messages, path.addr)
+
+    def recv_into(self, buf: bytearray) -> tuple[int, SockAddr]:
+        if self._closed:
+            raise OSError(errno.EBADF, "MuxTransport is closed")
+        item = self._rx.get()
+        if item is None:
+            if self._closed:
+                self._post(None)  # for the next reader
+                raise OSError(errno.EBADF, "MuxTransport is closed")
+            return 0, _WAKE_ADDR
+        data, token = item
+        n = min(len(data), len(buf))
+        buf[:n] = data[:n]
+        return n, token
+
+    def recv_segments(self, buf: bytearray) -> tuple[int, int, SockAddr]:
+        n, addr = self.recv_into(buf)
+        return n, n, addr
+
+    def wake(self) -> None:
+        """Unblock a reader (it gets 0 bytes). A full queue wakes readers anyway."""
+        with contextlib.suppress(queue.Full):
+            self._rx.put_nowait(None)
+
+    def _post(self, item: tuple[bytes, SockAddr] | None) -> None:
+        while True:
+            try:
+                self._rx.put_nowait(item)
+                return
+            except queue.Full:
+                with contextlib.suppress(queue.Empty):
+                    self._rx.get_nowait()
+
+    def close(self) -> None:
+        """Detach every path and wake readers; reads raise ``OSError(EBADF)`` from now on."""
+        if self._closed:
+            return
+        self._closed = True
+        for peer_id in list(self._tokens):
+            self.detach(peer_id)
+        self._post(None)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "paths": {p.peer_id: {"rx": p.rx, "tx": p.tx} for p in self._paths.values()},
+            "queued": self._rx.qsize(),
+            "errors": dict(sorted(self.errors.items())),
+        }
+
+
+# --- the group's links -----------------------------------------------------------------------
+
+
+class _Link:
+    """What GroupLinks keeps per peer (event-loop side only)."""
+
+    def __init__(self, peer_id: str, public_key: bytes, allowed_ips: tuple[str, ...]) -> None:
+        self.peer_id = peer_id
+        self.public_key = public_key
+        self.allowed_ips = allowed_ips
+        self.session: IceSession | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.state = "idle"
+        self.result: IceResult | None = None
+        self.reason = ""
+        self.controlling = False
+
+
+class GroupLinks:
+    """One group's Device, its MuxTransport and one ICE session per peer. Use from one event
+    loop (the orchestrator's); events are reported on it through ``on_event``."""
+
+    def __init__(
+        self,
+        *,
+        private_key: bytes,
+        tun: PacketIO,
+        routes: RouteTable[Peer],
+        servers: IceServers,
+        on_event: Callable[[LinkEvent], None],
+        timers: LinkTimers = DEFAULT_TIMERS,
+        mtu: int = 1380,
+        exclude_networks: tuple[str, ...] = (),
+        connect_timeout: float = 20.0,
+        stun_retry_max: int | None = None,
+    ) -> None:
+        self.servers = servers
+        self.on_event = on_event
+        self.exclude_networks = tuple(exclude_networks)
+        self.connect_timeout = connect_timeout
+        self.stun_retry_max = stun_retry_max
+        self.mux = MuxTransport()
+        self.device = Device(private_key, tun, self.mux, routes, timers=timers, mtu=mtu)
+        self.routes = routes
+        self._links: dict[str, _Link] = {}
+        self._started = False
+        self._stopped = False
+        self._stop_task: asyncio.Future[None] | None = None
+
+    @property
+    def public_key(self) -> bytes:
+        return self.device.public_key
+
+    # -- lifecycle --
+
+    def start(self) -> None:
+        """Start the Device's packet threads."""
+        if self._stopped:
+            raise RuntimeError("GroupLinks was stopped")
+        if not self._started:
+            self._started = True
+            self.device.start()
+
+    async def stop(self) -> None:
+        """Close every ICE session, stop the Device and the transport. Idempotent, bounded
+        (:data:`STOP_TIMEOUT` plus the Device's own 5 s thread join at worst)."""
+        if self._stop_task is None:
+            self._stopped = True
+            self._stop_task = asyncio.ensure_future(self._stop())
+        await asyncio.shield(self._stop_task)
+
+    async def _stop(self) -> None:
+        closing = [self._close_session(link) for link in self._links.values()]
+        if closing:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(STOP_TIMEOUT):
+                    await asyncio.gather(*closing, return_exceptions=True)
+        self.mux.close()
+        if self._started:
+            await asyncio.to_thread(self.device.stop)
+
+    # -- peers --
+
+    def set_peer(self, peer_id: str, public_key: bytes, allowed_ips: tuple[str, ...]) -> None:
+        """Add a peer or update it: allowed IPs are replaced; a changed key makes a new Device
+        peer (the old one's sessions are dropped) on the same path."""
+        allowed = tuple(allowed_ips)
+        link = self._links.get(peer_id)
+        if link is not None and link.public_key == public_key:
+            peer = self.device.peer(public_key)
+            if peer is not None:
+                self.routes.set_allowed(peer, allowed)
+            link.allowed_ips = allowed
+            return
+        if link is not None:
+            self.device.remove_peer(link.public_key)
+            link.public_key = public_key
+            link.allowed_ips = allowed
+        else:
+            link = _Link(peer_id, public_key, allowed)
+        endpoint = (peer_id, 0) if self.mux.attached(peer_id) else None
+        self.device.add_peer(PeerConfig(public_key, allowed, endpoint))
+        self._links[peer_id] = link
+        if endpoint is not None and link.controlling:
+            self._kick(link)
+
+    async def remove_peer(self, peer_id: str) -> None:
+        """Stop the peer's ICE and remove it from the Device: its packets are dropped."""
+        link = self._links.pop(peer_id, None)
+        if link is None:
+            return
+        await self._close_session(link)
+        self.device.remove_peer(link.public_key)
+        self.mux.forget(peer_id)
+
+    def peers(self) -> list[str]:
+        return list(self._links)
+
+    # -- ICE --
+
+    async def start_ice(self, peer_id: str, *, controlling: bool, local_ufrag: str,
+                        local_pwd: str, remote_ufrag: str, remote_pwd: str) -> None:
+        """Begin a new ICE session with ``peer_id`` (closing any previous one). Gathering and
+        connecting run in the background and report :class:`LinkEvent` values. Raises
+        ``KeyError`` for an unknown peer and ``ValueError`` for malformed local
+        credentials (the remote ones, from the peer, only make the session fail)."""
+        if self._stopped:
+            raise RuntimeError("GroupLinks was stopped")
+        link = self._links[peer_id]
+        await self._close_session(link)
+        if self._links.get(peer_id) is not link or self._stopped:
+            return  # removed or stopped meanwhile
+        session = IceSession(
+            controlling=controlling, servers=self.servers, ufrag=local_ufrag, pwd=local_pwd,
+            connect_timeout=self.connect_timeout, stun_retry_max=self.stun_retry_max,
+            exclude_networks=self.exclude_networks,
+            on_failed=lambda reason: self._on_lost(link, session, reason))
+        session.set_remote_credentials(remote_ufrag, remote_pwd)
+        link.session = session
+        link.controlling = controlling
+        link.state = "connecting"
+        link.result = None
+        link.reason = ""
+        link.task = asyncio.get_running_loop().create_task(
+            self._run(link, session), name=f"ice-{peer_id}")
+
+    def add_remote_candidates(self, peer_id: str, candidates: tuple[str, ...],
+                              end: bool) -> None:
+        """The peer's candidates for its current session (ignored if there is none)."""
+        link = self._links.get(peer_id)
+        if link is not None and link.session is not None:
+            link.session.add_remote(candidates, end)
+
+    async def stop_ice(self, peer_id: str) -> None:
+        """Close the peer's ICE session; the peer stays (idle, its packets dropped)."""
+        link = self._links.get(peer_id)
+        if link is not None:
+            await self._close_session(link)
+
+    async def _run(self, link: _Link, session: IceSession) -> None:
+        try:
+            candidates = await session.gather()
+            if link.session is not session:
+                return
+            self._emit(LinkEvent(link.peer_id, "candidates", tuple(candidates), end=True))
+            result = await session.connect()
+            if link.session is not session:
+                return
+            transport = session.transport()
+            self.attach_path(link.peer_id, transport, result, initiate=link.controlling)
+        except IceFailed as exc:
+            if link.session is session:
+                self._failed(link, exc.reason)
+        except Exception as exc:  # a bug: report the link as failed, never hang it
+            log.exception("ICE with %s failed unexpectedly", link.peer_id)
+            if link.session is session:
+                self._failed(link, f"internal: {type(exc).__name__}")
+
+    def attach_path(self, peer_id: str, transport: DatagramIO,
+                    result: IceResult | None = None, *, initiate: bool = True) -> None:
+        """Make ``transport`` the peer's path and point its Device peer there; with
+        ``initiate`` start the WireGuard handshake now. Reports ``connected``. (ICE does it on
+        success, initiating on the controlling side; tests may attach any DatagramIO.)"""
+        link = self._links[peer_id]
+        self.mux.attach(peer_id, transport)
+        self.device.set_endpoint(link.public_key, peer_id, 0)
+        link.state = "up"
+        link.result = result
+        link.reason = ""
+        link.controlling = initiate
+        if initiate:
+            self._kick(link)
+        self._emit(LinkEvent(peer_id, "connected", result=result))
+
+    def _kick(self, link: _Link) -> None:
+        """Push a keepalive through the Device: with no session it starts the handshake."""
+        if not self._started or self._stopped:
+            return
+        peer = self.device.peer(link.public_key)
+        if peer is not None:
+            self.device._send(peer, [b""], keepalive=True)
+
+    def _on_lost(self, link: _Link, session: IceSession, reason: str) -> None:
+        if link.session is session and self._links.get(link.peer_id) is link:
+            self._failed(link, reason)
+
+    def _failed(self, link: _Link, reason: str) -> None:
+        self.mux.detach(link.peer_id)
+        link.state = "failed"
+        link.reason = reason
+        self._emit(LinkEvent(link.peer_id, "failed", reason=reason))
+
+    async def _close_session(self, link: _Link) -> None:
+        session, task = link.session, link.task
+        link.session = None
+        link.task = None
+        self.mux.detach(link.peer_id)
+        link.state = "idle"
+        link.result = None
+        if task is not None and not task.done():
+            task.cancel()
+        if session is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(ICE_STOP_TIMEOUT):
+                    await session.close()
+        if task is not None:
+            await asyncio.wait({task}, timeout=1.0)
+
+    def _emit(self, event: LinkEvent) -> None:
+        try:
+            self.on_event(event)
+        except Exception:
+            log.exception("on_event raised for %s", event)
+
+    # -- what people and tests look at --
+
+    def peer_stats(self, peer_id: str) -> dict[str, Any]:
+        link = self._links[peer_id]
+        result = link.result if link.state == "up" else None
+        stats: dict[str, Any] = {
+            "peer_id": peer_id,
+            "state": link.state,
+            "path": result.path if result else None,
+            "local_candidate_type": result.local_candidate_type if result else None,
+            "remote_candidate_type": result.remote_candidate_type if result else None,
+            "remote_endpoint": (f"{result.remote_addr[0]}:{result.remote_addr[1]}"
+                                if result else None),
+            "rtt": result.rtt if result else None,
+            "connect_time": result.connect_time if result else None,
+            "reason": link.reason,
+            "controlling": link.controlling,
+            "allowed_ips": list(link.allowed_ips),
+            "ice": link.session.stats() if link.session is not None else None,
+        }
+        peer = self.device.peer(link.public_key)
+        if peer is not None:
+            device_stats = self.device.peer_stats(peer)
+            device_stats.pop("endpoint", None)  # the token: remote_endpoint says where
+            stats.update(device_stats)
+        return stats
+
+    def stats(self) -> dict[str, Any]:
+        device = self.device.stats()
+        device.pop("peers", None)
+        return {
+            "public_key": self.device.public_key.hex(),
+            "peers": {peer_id: self.peer_stats(peer_id) for peer_id in self._links},
+            "device": device,
+            "mux": self.mux.stats(),
+        }
