@@ -1,0 +1,235 @@
+"""GroupLinks (socialvpn/link/manager.py) end to end: two group members in two site
+namespaces behind NAT routers, each with a real TUN device ``svpn-lab`` (10.77.0.1/24 and
+10.77.0.2/24), ICE through the kit's coturn, and ``ping`` across the overlay.
+
+Each member runs on its own event loop on a thread that joined its namespace for the thread's
+whole life (``NsLoop`` from test_ice.py): aioice's sockets, the TUN device and the Device's
+threads (started from that thread) all live there. Signalling is done in-test: each member's
+``on_event`` hands its candidates to the other's loop, as the orchestrator would over XMPP.
+
+Topology: ``a`` (EIM NAT), ``b`` (EIM NAT), ``c`` (symmetric NAT), coturn on ``pub``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+
+from socialvpn.link.ice import IceServers, TurnServer
+from socialvpn.link.manager import GroupLinks, LinkEvent
+from socialvpn.link.noise import public_bytes
+from socialvpn.net.packet_router import PacketRouter
+from socialvpn.net.router import InterfaceSpec, Router
+from socialvpn.net.tun import TunDevice
+from tests.integration.test_ice import NsLoop
+from tests.kit.coturn import Coturn, cleanup_stale_coturn
+from tests.kit.env import integration_unavailable_reason
+from tests.kit.netns import NetLab, Site
+
+pytestmark = pytest.mark.integration
+
+TUN = "svpn-lab"
+OVERLAY = "10.77.0.0/24"
+CONNECT_TIMEOUT = 10.0
+CASE_BUDGET = 25.0  # seconds one case may take, setup to teardown
+
+
+@dataclass
+class Bed:
+    a: Site  # EIM
+    b: Site  # EIM
+    c: Site  # symmetric
+    turn: Coturn
+
+    @property
+    def stun_only(self) -> IceServers:
+        return IceServers(stun=(self.turn.stun_address,))
+
+    @property
+    def with_turn(self) -> IceServers:
+        host, port, user, password = self.turn.turn_credentials
+        return IceServers(stun=(self.turn.stun_address,),
+                          turn=(TurnServer(host, port, user, password),))
+
+
+@pytest.fixture(scope="module")
+def bed() -> Iterator[Bed]:
+    reason = integration_unavailable_reason(("ip", "nft", "turnserver", "ping"))
+    if reason:
+        pytest.skip(f"link manager test bed unavailable: {reason}")
+    cleanup_stale_coturn()
+    with NetLab() as lab:
+        topo = lab.topology()
+        a = topo.add_site("a", nat="eim")
+        b = topo.add_site("b", nat="eim")
+        c = topo.add_site("c", nat="symmetric")
+        with Coturn(topo.pub, topo.service_ip) as turn:
+            yield Bed(a, b, c, turn)
+
+
+def keypair() -> tuple[bytes, bytes]:
+    k = X25519PrivateKey.generate()
+    return k.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()), public_bytes(k)
+
+
+class Member:
+    """One group member: a GroupLinks with a real TUN device in its site's namespace."""
+
+    def __init__(self, site: Site, name: str, address: str, servers: IceServers) -> None:
+        self.site = site
+        self.name = name
+        self.address = address
+        self.servers = servers
+        self.key, self.public = keypair()
+        self.ufrag = f"{name}{os.urandom(4).hex()}"
+        self.pwd = os.urandom(16).hex()
+        self.events: list[LinkEvent] = []
+        self.relay: Callable[[LinkEvent], None] | None = None
+        self.loop = NsLoop(site.host)
+        self.links: GroupLinks | None = None
+
+    async def setup(self) -> None:
+        def make() -> GroupLinks:
+            tun = TunDevice.open(TUN, 1380)  # in this thread's namespace
+            with Router(self.site.host.name) as router:
+                router.apply(InterfaceSpec(TUN, 1380, (f"{self.address}/24",)))
+            links = GroupLinks(private_key=self.key, tun=tun, routes=PacketRouter(),
+                               servers=self.servers, on_event=self._on_event,
+                               exclude_networks=(OVERLAY,), connect_timeout=CONNECT_TIMEOUT,
+                               stun_retry_max=1)
+            links.start()  # the Device's threads are born in this namespace
+            return links
+
+        self.links = await self.loop.call(make)
+
+    def _on_event(self, event: LinkEvent) -> None:
+        self.events.append(event)
+        if self.relay is not None:
+            self.relay(event)
+
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        return await self.loop.call(fn)
+
+    def stats(self, peer: str) -> Any:
+        return self.call(lambda: self.links.peer_stats(peer))
+
+    async def close(self) -> None:
+        if self.links is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.loop.run(self.links.stop()), 15.0)
+        self.loop.close()
+        with contextlib.suppress(Exception), Router(self.site.host.name) as router:
+            router.remove(TUN)
+
+
+@contextlib.asynccontextmanager
+async def group(a_site: Site, b_site: Site, servers: IceServers):
+    a = Member(a_site, "a", "10.77.0.1", servers)
+    b = Member(b_site, "b", "10.77.0.2", servers)
+    try:
+        await asyncio.gather(a.setup(), b.setup())
+        await a.call(lambda: a.links.set_peer("b", b.public, ("10.77.0.2/32",)))
+        await b.call(lambda: b.links.set_peer("a", a.public, ("10.77.0.1/32",)))
+
+        def relay(src: Member, dst: Member) -> Callable[[LinkEvent], None]:
+            def forward(event: LinkEvent) -> None:  # "XMPP": src's loop -> dst's loop
+                if event.kind == "candidates":
+                    dst.loop.loop.call_soon_threadsafe(
+                        dst.links.add_remote_candidates, src.name, event.candidates, event.end)
+            return forward
+
+        a.relay, b.relay = relay(a, b), relay(b, a)
+        yield a, b
+    finally:
+        await asyncio.gather(a.close(), b.close())
+
+
+async def connect(a: Member, b: Member) -> float:
+    """Signal one session each way (a controls) and wait for both sides to be up."""
+    started = time.monotonic()
+    await a.loop.run(a.links.start_ice("b", controlling=True, local_ufrag=a.ufrag,
+                                       local_pwd=a.pwd, remote_ufrag=b.ufrag,
+                                       remote_pwd=b.pwd))
+    await b.loop.run(b.links.start_ice("a", controlling=False, local_ufrag=b.ufrag,
+                                       local_pwd=b.pwd, remote_ufrag=a.ufrag,
+                                       remote_pwd=a.pwd))
+    deadline = started + CONNECT_TIMEOUT + 5
+    while time.monotonic() < deadline:
+        kinds = [{e.kind for e in m.events} for m in (a, b)]
+        if any("failed" in k for k in kinds):
+            break
+        if all("connected" in k for k in kinds):
+            return time.monotonic() - started
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"not connected: a {a.events} b {b.events}")
+
+
+async def wait_handshake(m: Member, peer: str, timeout: float = 5.0) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if (await m.stats(peer))["handshakes"] >= 1:
+            return time.monotonic() - started
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no WireGuard handshake: {await m.stats(peer)}")
+
+
+async def ping(site: Site, address: str, count: int = 3) -> tuple[bool, str]:
+    proc = await asyncio.to_thread(
+        site.host.run, ["ping", "-n", "-c", str(count), "-i", "0.2", "-W", "1", address],
+        check=False, timeout=15)
+    return proc.returncode == 0, proc.stdout
+
+
+async def check_link(a: Member, b: Member, path: str) -> None:
+    took = await connect(a, b)
+    candidates = [c for e in a.events + b.events if e.kind == "candidates"
+                  for c in e.candidates]
+    assert candidates and not any(" 10.77.0." in c for c in candidates)  # overlay excluded
+    hs = await wait_handshake(a, "b")
+    ok, out = await ping(a.site, b.address)
+    assert ok, out
+    ok, out = await ping(b.site, a.address)
+    assert ok, out
+    sa, sb = await a.stats("b"), await b.stats("a")
+    for s in (sa, sb):
+        assert s["state"] == "up", s
+        assert s["path"] == path, s
+        assert s["rtt"] is not None and s["rtt"] < 0.5, s
+        assert s["remote_endpoint"], s
+        assert s["handshakes"] >= 1 and s["rx_bytes"] > 0 and s["tx_bytes"] > 0, s
+    if path == "direct":
+        assert "relay" not in (sa["local_candidate_type"], sa["remote_candidate_type"])
+    else:
+        assert "relay" in (sa["local_candidate_type"], sa["remote_candidate_type"])
+    print(f"{path}: ICE up {took:.2f}s, handshake +{hs:.2f}s, "
+          f"{sa['local_candidate_type']}/{sa['remote_candidate_type']} -> "
+          f"{sa['remote_endpoint']}, rtt {sa['rtt'] * 1000:.2f} ms")
+
+    # removing the peer stops its traffic at once
+    await a.loop.run(a.links.remove_peer("b"))
+    ok, _ = await ping(a.site, b.address, count=2)
+    assert not ok
+    assert (await a.call(a.links.stats))["device"]["drops"].get("no-route", 0) >= 1
+
+
+async def test_eim_to_eim_is_direct_and_pings(bed: Bed) -> None:
+    t0 = time.monotonic()
+    async with group(bed.a, bed.b, bed.stun_only) as (a, b):
+        await check_link(a, b, "direct")
+    assert time.monotonic() - t0 < CASE_BUDGET
+
+
+async def test_eim_to_symmetric_relays_through_turn_and_pings(bed: Bed) -> None:
+    t0 = time.monotonic()
+    async with group(bed.a, bed.c, bed.with_turn) as (a, b):
+        await check_link(a, b, "turn")
+    assert time.monotonic() - t0 < CASE_BUDGET
