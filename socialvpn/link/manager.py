@@ -47,7 +47,7 @@ from typing import Any
 
 from .constants import DEFAULT_TIMERS, LinkTimers
 from .device import Device, PacketIO, Peer, PeerConfig, RouteTable
-from .ice import IceFailed, IceResult, IceServers, IceSession
+from .ice import CONSENT_FAILURES, CONSENT_INTERVAL, IceFailed, IceResult, IceServers, IceSession
 from .transport import DatagramIO, SockAddr
 
 log = logging.getLogger("socialvpn.link.manager")
@@ -321,8 +321,12 @@ class GroupLinks:
         exclude_networks: tuple[str, ...] = (),
         connect_timeout: float = 20.0,
         stun_retry_max: int | None = None,
+        consent_interval: float = CONSENT_INTERVAL,
+        consent_failures: int = CONSENT_FAILURES,
     ) -> None:
         self.servers = servers
+        self.consent_interval = consent_interval
+        self.consent_failures = consent_failures
         self.on_event = on_event
         self.exclude_networks = tuple(exclude_networks)
         self.connect_timeout = connect_timeout
@@ -421,7 +425,8 @@ class GroupLinks:
         session = IceSession(
             controlling=controlling, servers=self.servers, ufrag=local_ufrag, pwd=local_pwd,
             connect_timeout=self.connect_timeout, stun_retry_max=self.stun_retry_max,
-            exclude_networks=self.exclude_networks,
+            exclude_networks=self.exclude_networks, consent_interval=self.consent_interval,
+            consent_failures=self.consent_failures,
             on_failed=lambda reason: self._on_lost(link, session, reason))
         session.set_remote_credentials(remote_ufrag, remote_pwd)
         link.session = session

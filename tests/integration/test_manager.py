@@ -84,18 +84,23 @@ def keypair() -> tuple[bytes, bytes]:
 class Member:
     """One group member: a GroupLinks with a real TUN device in its site's namespace."""
 
-    def __init__(self, site: Site, name: str, address: str, servers: IceServers) -> None:
+    def __init__(self, site: Site, name: str, address: str, servers: IceServers,
+                 **options: Any) -> None:
         self.site = site
+        self.options = options
         self.name = name
         self.address = address
         self.servers = servers
         self.key, self.public = keypair()
-        self.ufrag = f"{name}{os.urandom(4).hex()}"
-        self.pwd = os.urandom(16).hex()
+        self.new_credentials()
         self.events: list[LinkEvent] = []
         self.relay: Callable[[LinkEvent], None] | None = None
         self.loop = NsLoop(site.host)
         self.links: GroupLinks | None = None
+
+    def new_credentials(self) -> None:
+        self.ufrag = f"{self.name}{os.urandom(4).hex()}"
+        self.pwd = os.urandom(16).hex()
 
     async def setup(self) -> None:
         def make() -> GroupLinks:
@@ -105,7 +110,7 @@ class Member:
             links = GroupLinks(private_key=self.key, tun=tun, routes=PacketRouter(),
                                servers=self.servers, on_event=self._on_event,
                                exclude_networks=(OVERLAY,), connect_timeout=CONNECT_TIMEOUT,
-                               stun_retry_max=1)
+                               stun_retry_max=1, **self.options)
             links.start()  # the Device's threads are born in this namespace
             return links
 
@@ -132,9 +137,9 @@ class Member:
 
 
 @contextlib.asynccontextmanager
-async def group(a_site: Site, b_site: Site, servers: IceServers):
-    a = Member(a_site, "a", "10.77.0.1", servers)
-    b = Member(b_site, "b", "10.77.0.2", servers)
+async def group(a_site: Site, b_site: Site, servers: IceServers, **options: Any):
+    a = Member(a_site, "a", "10.77.0.1", servers, **options)
+    b = Member(b_site, "b", "10.77.0.2", servers, **options)
     try:
         await asyncio.gather(a.setup(), b.setup())
         await a.call(lambda: a.links.set_peer("b", b.public, ("10.77.0.2/32",)))
@@ -153,8 +158,12 @@ async def group(a_site: Site, b_site: Site, servers: IceServers):
         await asyncio.gather(a.close(), b.close())
 
 
-async def connect(a: Member, b: Member) -> float:
-    """Signal one session each way (a controls) and wait for both sides to be up."""
+async def start(a: Member, b: Member) -> float:
+    """Signal one new session each way (a controls)."""
+    a.events.clear()
+    b.events.clear()
+    a.new_credentials()
+    b.new_credentials()
     started = time.monotonic()
     await a.loop.run(a.links.start_ice("b", controlling=True, local_ufrag=a.ufrag,
                                        local_pwd=a.pwd, remote_ufrag=b.ufrag,
@@ -162,6 +171,12 @@ async def connect(a: Member, b: Member) -> float:
     await b.loop.run(b.links.start_ice("a", controlling=False, local_ufrag=b.ufrag,
                                        local_pwd=b.pwd, remote_ufrag=a.ufrag,
                                        remote_pwd=a.pwd))
+    return started
+
+
+async def connect(a: Member, b: Member) -> float:
+    """Signal one session each way (a controls) and wait for both sides to be up."""
+    started = await start(a, b)
     deadline = started + CONNECT_TIMEOUT + 5
     while time.monotonic() < deadline:
         kinds = [{e.kind for e in m.events} for m in (a, b)]
@@ -232,4 +247,56 @@ async def test_eim_to_symmetric_relays_through_turn_and_pings(bed: Bed) -> None:
     t0 = time.monotonic()
     async with group(bed.a, bed.c, bed.with_turn) as (a, b):
         await check_link(a, b, "turn")
+    assert time.monotonic() - t0 < CASE_BUDGET
+
+
+async def wait_event(m: Member, kind: str, timeout: float) -> LinkEvent:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for event in m.events:
+            if event.kind == kind:
+                return event
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no {kind} event in {timeout}s: {m.events}")
+
+
+async def test_eim_to_symmetric_without_turn_reports_failed(bed: Bed) -> None:
+    t0 = time.monotonic()
+    async with group(bed.a, bed.c, bed.stun_only) as (a, b):
+        started = await start(a, b)
+        events = await asyncio.gather(wait_event(a, "failed", CONNECT_TIMEOUT + 8),
+                                      wait_event(b, "failed", CONNECT_TIMEOUT + 8))
+        took = time.monotonic() - started
+        assert all(e.reason in ("checks-failed", "timeout") for e in events), events
+        s = await a.stats("b")
+        assert s["state"] == "failed" and s["path"] is None and s["reason"] == events[0].reason
+        ok, _ = await ping(a.site, b.address, count=1)
+        assert not ok
+        print(f"eim<->symmetric without TURN: {events[0].reason} after {took:.2f}s")
+    assert time.monotonic() - t0 < CASE_BUDGET
+
+
+async def test_consent_loss_reports_failed_and_a_new_session_restores(bed: Bed) -> None:
+    t0 = time.monotonic()
+    async with group(bed.a, bed.b, bed.stun_only, consent_interval=0.3,
+                     consent_failures=3) as (a, b):
+        await connect(a, b)
+        await wait_handshake(a, "b")
+        ok, out = await ping(a.site, b.address, count=1)
+        assert ok, out
+        lost_at = time.monotonic()
+        await b.loop.run(b.links.stop_ice("a"))  # b's path goes away without a word
+        assert (await b.stats("a"))["state"] == "idle"
+        event = await wait_event(a, "failed", 8.0)
+        assert event.reason == "consent-expired"
+        s = await a.stats("b")
+        assert s["state"] == "failed" and s["path"] is None
+        print(f"consent loss reported after {time.monotonic() - lost_at:.2f}s")
+        ok, _ = await ping(a.site, b.address, count=1)
+        assert not ok
+        took = await connect(a, b)  # re-signalled: new session, same WireGuard peer
+        ok, out = await ping(a.site, b.address)
+        assert ok, out
+        assert (await a.stats("b"))["state"] == "up"
+        print(f"re-signalled link up in {took:.2f}s")
     assert time.monotonic() - t0 < CASE_BUDGET
