@@ -729,6 +729,7 @@ class LinkHub:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.failures: dict[tuple[str, str], str] = {}
+        self._up: dict[str, asyncio.Event] = {}  # gid -> set once its links are up
 
     def start(self) -> None:
         if self.enabled:
@@ -821,12 +822,14 @@ class LinkHub:
         links.start()
         self.groups[gid] = links
         self.tuns[gid] = tun
+        self._ready(gid).set()
         log.info("group %s: %s up with %s and %s", doc.name, name, mine.ip4, doc.ip6_of(mine))
 
     async def _drop_group(self, gid: str) -> None:
         from .net.router import Router
 
         links = self.groups.pop(gid)
+        self._up.pop(gid, None)
         for key in [k for k in self.signals if k[0] == gid]:
             sig = self.signals.pop(key)
             self._run(key, sig.close(time.monotonic()), jid=self.jids.pop(key, None))
@@ -846,9 +849,19 @@ class LinkHub:
 
     # --- signalling <-> ICE ----------------------------------------------------------------
 
+    def _ready(self, gid: str) -> asyncio.Event:
+        event = self._up.get(gid)
+        if event is None:
+            event = self._up[gid] = asyncio.Event()
+        if gid in self.groups:
+            event.set()
+        return event
+
     def receive(self, gid: str, peer_id: str, jid: str, msg: LinkMessage) -> None:
+        if not self.enabled:
+            raise ProtocolError("links are switched off on this device", "unknown")
         if gid not in self.groups:
-            raise ProtocolError("links of that group are not up here", "state")
+            self.changed()  # the document just arrived: the group's links are being set up
         key = (gid, peer_id)
         sig = self.signals.get(key)
         if sig is None:
@@ -878,14 +891,18 @@ class LinkHub:
 
     async def _execute(self, key: tuple[str, str], actions: list[Any], jid: str | None) -> None:
         gid, peer_id = key
-        links = self.groups.get(gid)
         for action in actions:
             try:
                 if isinstance(action, SendMessage):
                     if jid and self.agent.xmpp.connected:
                         await self.agent.xmpp.send_group_op(
                             f"{jid}/svpn-{peer_id}", stanzas.LinkSignal(gid, action.msg))
-                elif links is None:
+                    continue
+                if gid not in self.groups:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._ready(gid).wait(), 10)
+                links = self.groups.get(gid)
+                if links is None:
                     continue
                 elif isinstance(action, StartIce):
                     await links.start_ice(peer_id, controlling=action.role == Role.CONTROLLING,
@@ -897,6 +914,8 @@ class LinkHub:
                     links.add_remote_candidates(peer_id, tuple(action.candidates),
                                                 action.end_of_candidates)
                 elif isinstance(action, StopIce):
+                    if action.reason and action.reason not in ("bye", "restart"):
+                        self.failures[key] = action.reason
                     await links.stop_ice(peer_id)
             except APIError as exc:
                 log.debug("link signalling to %s: %s", peer_id, exc)

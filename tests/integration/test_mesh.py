@@ -22,7 +22,8 @@ pytestmark = pytest.mark.integration
 def mesh(netns_factory: NetLab, test_ca, tmp_path: Path) -> Iterator[dict[str, AgentProc]]:
     topo = netns_factory.topology()
     sites = {"alice": topo.add_site("alice"), "bob": topo.add_site("bob", nat="eim"),
-             "carol": topo.add_site("carol", nat="symmetric")}
+             "carol": topo.add_site("carol", nat="symmetric"),
+             "alice2": topo.add_site("alice2", nat="eim")}  # alice's second device
     server = Prosody(tmp_path / "prosody", netns=topo.pub, host=topo.service_ip, ca=test_ca)
     agents: dict[str, AgentProc] = {}
     with Coturn(topo.pub, topo.service_ip) as turn:
@@ -33,10 +34,13 @@ def mesh(netns_factory: NetLab, test_ca, tmp_path: Path) -> Iterator[dict[str, A
         try:
             server.start()
             for name, site in sites.items():
-                server.register(name, f"{name}-pw")
-                agent = AgentProc(tmp_path / name, f"{name}@{server.domain}", f"{name}-pw",
-                                  server=f"{server.host}:{server.port}", ca_file=test_ca.ca_file,
-                                  netns=site.host.name, extra_config=ice)
+                account = name.rstrip("2")
+                if account == name:
+                    server.register(name, f"{name}-pw")
+                agent = AgentProc(tmp_path / name, f"{account}@{server.domain}",
+                                  f"{account}-pw", server=f"{server.host}:{server.port}",
+                                  ca_file=test_ca.ca_file, netns=site.host.name,
+                                  extra_config=ice, device_name=name)
                 agent.init()
                 agent.start()
                 agents[name] = agent
@@ -50,11 +54,12 @@ def mesh(netns_factory: NetLab, test_ca, tmp_path: Path) -> Iterator[dict[str, A
 
 
 def _peer(agent: AgentProc, device: str) -> dict | None:
+    """The peer entry of ``device`` (a device name: alice, alice2, bob, carol)."""
     return next((p for p in agent.json("peers") if p["device"] == device), None)
 
 
 def test_three_users_full_mesh_through_nat(mesh):
-    alice, bob, carol = mesh["alice"], mesh["bob"], mesh["carol"]
+    alice, bob, carol = mesh["alice"], mesh["bob"], mesh["carol"]  # alice2 stays out
     befriend(alice, bob)
     befriend(alice, carol)
     alice.json("group", "create", "lab", "--subnet", "10.77.0.0/24")
@@ -83,3 +88,84 @@ def test_three_users_full_mesh_through_nat(mesh):
         ip6 = up(a, b)["ip6"]
         r6 = a.cli("ping", ip6, "-c", "2", check=False, timeout=30)
         assert r6.returncode == 0, f"{a.user} -> {b} over IPv6: {r6.stdout} {r6.stderr}"
+
+
+def _form(alice: AgentProc, *members: AgentProc) -> None:
+    alice.json("group", "create", "lab", "--subnet", "10.77.0.0/24")
+    for m in members:
+        if m.jid != alice.jid:
+            befriend(alice, m)
+        m.json("group", "join", alice.jid, "lab")
+        wait_for(lambda m=m: any(j["jid"] == m.jid for j in alice.json("requests")["joins"]),
+                 10, f"{m.user}'s join request")
+        alice.json("accept", m.jid, "--group", "lab")
+
+
+def _up(a: AgentProc, device: str) -> dict | None:
+    p = _peer(a, device)
+    return p if p and p.get("state") == "up" else None
+
+
+def test_without_turn_symmetric_pair_fails_with_a_reason(netns_factory, test_ca, tmp_path):
+    topo = netns_factory.topology()
+    sites = {"alice": topo.add_site("alice"), "bob": topo.add_site("bob", nat="eim"),
+             "carol": topo.add_site("carol", nat="symmetric")}
+    server = Prosody(tmp_path / "prosody", netns=topo.pub, host=topo.service_ip, ca=test_ca)
+    agents: dict[str, AgentProc] = {}
+    with Coturn(topo.pub, topo.service_ip) as turn:
+        host, port, _, _ = turn.turn_credentials
+        try:
+            server.start()
+            for name, site in sites.items():
+                server.register(name, f"{name}-pw")
+                agent = AgentProc(tmp_path / name, f"{name}@{server.domain}", f"{name}-pw",
+                                  server=f"{server.host}:{server.port}", ca_file=test_ca.ca_file,
+                                  netns=site.host.name,
+                                  extra_config=f'[ice]\nstun = ["{host}:{port}"]')
+                agent.init()
+                agent.start()
+                agents[name] = agent
+            for agent in agents.values():
+                agent.wait_connected(timeout=20)
+            alice, bob, carol = agents["alice"], agents["bob"], agents["carol"]
+            _form(alice, bob, carol)
+            for a, b in ((alice, "bob"), (alice, "carol"), (bob, "alice"), (carol, "alice")):
+                wait_for(lambda a=a, b=b: _up(a, b), 45, f"{a.user} -> {b} up",
+                         lambda a=a: a.log_tail(30))
+            failed = wait_for(lambda: (p := _peer(bob, "carol")) and p.get("failure") and p, 60,
+                              "bob -> carol to report failure", lambda: bob.log_tail(30))
+            assert failed["state"] != "up" and failed["failure"]
+            assert bob.cli("ping", "10.77.0.1", "-c", "1", check=False).returncode == 0
+        finally:
+            for agent in agents.values():
+                agent.stop()
+            server.close()
+
+
+def test_second_device_removal_and_owner_restart(mesh):
+    alice, bob, carol, alice2 = mesh["alice"], mesh["bob"], mesh["carol"], mesh["alice2"]
+    _form(alice, bob, carol, alice2)  # alice2: the same account, another device
+    g2 = wait_for(lambda: next((g for g in alice2.json("groups") if g["name"] == "lab"), None),
+                  10, "alice's second device in lab")
+    assert g2["ip4"] == "10.77.0.4" and g2["role"] == "member"
+    for a, b in ((alice, "bob"), (alice, "carol"), (bob, "carol"), (alice2, "alice"),
+                 (alice2, "bob"), (alice2, "carol")):
+        wait_for(lambda a=a, b=b: _up(a, b), 45, f"{a.device_name} -> {b} up")
+    assert alice2.cli("ping", "10.77.0.3", "-c", "1", check=False).returncode == 0
+
+    # alice removes carol: within 2 s nobody forwards carol's packets any more.
+    assert carol.cli("ping", "10.77.0.2", "-c", "1", check=False).returncode == 0
+    alice.json("group", "remove", "lab", carol.jid)
+    wait_for(lambda: _peer(bob, "carol") is None and _peer(alice, "carol") is None, 2,
+             "members to drop carol")
+    assert carol.cli("ping", "10.77.0.2", "-c", "2", check=False).returncode != 0
+
+    # The owner restarts: the group, its addresses and the link to bob come back.
+    alice.stop()
+    alice.start()
+    alice.wait_connected(timeout=20)
+    g = next(g for g in alice.json("groups") if g["name"] == "lab")
+    assert g["ip4"] == "10.77.0.1"
+    wait_for(lambda: bob.cli("ping", "10.77.0.1", "-c", "1", check=False).returncode == 0, 45,
+             "bob to reach alice again", lambda: alice.log_tail(30), interval=0.5)
+    assert _up(alice, "bob")
