@@ -420,6 +420,8 @@ class GroupLinks:
             raise RuntimeError("GroupLinks was stopped")
         link = self._links[peer_id]
         await self._close_session(link)
+        while link.session is not None:  # another start_ice won the race: replace it
+            await self._close_session(link)
         if self._links.get(peer_id) is not link or self._stopped:
             return  # removed or stopped meanwhile
         session = IceSession(
@@ -454,10 +456,12 @@ class GroupLinks:
         try:
             candidates = await session.gather()
             if link.session is not session:
+                await session.close()  # superseded meanwhile
                 return
             self._emit(LinkEvent(link.peer_id, "candidates", tuple(candidates), end=True))
             result = await session.connect()
             if link.session is not session:
+                await session.close()
                 return
             transport = session.transport()
             self.attach_path(link.peer_id, transport, result, initiate=link.controlling)

@@ -317,3 +317,31 @@ async def test_start_ice_needs_a_known_peer_and_a_running_manager() -> None:
     with pytest.raises(RuntimeError):
         await a.links.start_ice("b", controlling=True, local_ufrag="abcd",
                                 local_pwd="p" * 22, remote_ufrag="efgh", remote_pwd="q" * 22)
+
+
+async def test_ice_sessions_are_replaced_and_stopped_without_leaks() -> None:
+    """Real IceSessions (host candidates only, nobody answers): a second start_ice replaces
+    the first, stop_ice ends the second; no task or session is left behind."""
+    a, b = Node("a", "10.9.0.1"), Node("b", "10.9.0.2")
+    a.links.start()
+    a.links.set_peer("b", b.public, ("10.9.0.2/32",))
+    baseline = len(asyncio.all_tasks())
+    creds = dict(local_pwd="p" * 22, remote_ufrag="efgh", remote_pwd="q" * 22)
+    try:
+        await asyncio.gather(
+            a.links.start_ice("b", controlling=True, local_ufrag="one1", **creds),
+            a.links.start_ice("b", controlling=True, local_ufrag="two2", **creds))
+        first = a.links._links["b"].session
+        assert first is not None and first.local_credentials[0] in ("one1", "two2")
+        await a.links.start_ice("b", controlling=True, local_ufrag="three3", **creds)
+        assert a.links.peer_stats("b")["state"] in ("connecting", "failed")
+        await asyncio.sleep(0.3)  # gathering (host candidates) is quick
+        kinds = {e.kind for e in a.events}
+        assert kinds <= {"candidates", "failed"}
+        await a.links.stop_ice("b")
+        assert a.links.peer_stats("b")["state"] == "idle"
+        assert a.links._links["b"].session is None
+        await asyncio.sleep(0.1)
+        assert len(asyncio.all_tasks()) <= baseline
+    finally:
+        await a.links.stop()
