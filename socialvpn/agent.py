@@ -771,10 +771,13 @@ class LinkHub:
         for gid in list(self.groups):
             if gid not in wanted:
                 await self._drop_group(gid)
+        # ICE must never gather on (or through) any group's overlay addresses.
+        overlay = tuple(n for doc in wanted.values() for n in (doc.subnet4, doc.prefix6))
         for gid, doc in wanted.items():
             if gid not in self.groups:
                 await self._add_group(gid, doc)
             links = self.groups[gid]
+            links.exclude_networks = overlay
             plans = groups.link_plans([doc], me)
             for peer_id, plan in plans.items():
                 links.set_peer(peer_id, base64.b64decode(plan.key), plan.allowed_ips)

@@ -492,6 +492,26 @@ class IceSession:
 
     # -- gathering --
 
+    async def _gather_without_excluded(self) -> None:
+        """aioice's gather_candidates, but host addresses inside ``exclude_networks`` (the
+        group's own overlay subnets) are left out *before* gathering: a STUN request from an
+        overlay address can never be answered and would hold gathering for aioice's 5 s."""
+        conn = self._conn
+        components = getattr(conn, "_components", None)
+        if not self._exclude or components is None or conn._local_candidates_start:
+            await conn.gather_candidates()
+            return
+        addresses = [
+            a for a in aioice.ice.get_host_addresses(use_ipv4=True, use_ipv6=False)
+            if not any(ipaddress.ip_address(a) in net for net in self._exclude)
+        ]
+        conn._local_candidates_start = True
+        results = await asyncio.gather(*(
+            conn.get_component_candidates(component=c, addresses=addresses) for c in components))
+        for candidates in results:
+            conn._local_candidates += candidates
+        conn._local_candidates_end = True
+
     async def gather(self) -> list[str]:
         """Gather host, server-reflexive and relayed candidates (bounded); returns them as SDP
         attribute strings (``candidate:...``). Raises IceFailed (and closes the session) if
@@ -503,7 +523,7 @@ class IceSession:
             raise IceFailed("closed")
         try:
             async with asyncio.timeout(self.gather_timeout):
-                await self._conn.gather_candidates()
+                await self._gather_without_excluded()
         except TimeoutError:
             self._set_failed("gather-timeout")
             await self.close()

@@ -1,0 +1,160 @@
+"""Join time (issue 4): from `accept` to the first ping reply over the group, direct and TURN
+path, median of N; and the time for a group of M devices to reach a full mesh.
+
+Real parts: Prosody and coturn in a "pub" namespace, agents in their own namespaces (alice: no
+NAT, bob: home NAT, carol: symmetric NAT; the mesh devices: no NAT). Needs root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from tests.kit.agents import AgentProc, befriend, wait_for
+from tests.kit.ca import ThrowawayCA
+from tests.kit.coturn import Coturn
+from tests.kit.netns import NetLab, Site, Topology
+from tests.kit.prosody import Prosody
+
+
+class Bed:
+    def __init__(self, lab: NetLab, tmp: Path) -> None:
+        self.lab = lab
+        self.tmp = tmp
+        self.topo: Topology = lab.topology()
+        self.ca = ThrowawayCA.create(tmp / "ca")
+        self.server = Prosody(tmp / "prosody", netns=self.topo.pub, host=self.topo.service_ip,
+                              ca=self.ca, log_level="info")
+        self.turn = Coturn(self.topo.pub, self.topo.service_ip)
+        self.agents: list[AgentProc] = []
+
+    def __enter__(self) -> Bed:
+        self.server.start()
+        self.turn.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for agent in self.agents:
+            agent.stop()
+        self.turn.stop()
+        self.server.close()
+
+    def agent(self, name: str, site: Site) -> AgentProc:
+        host, port, user, password = self.turn.turn_credentials
+        ice = (f'[ice]\nstun = ["{host}:{port}"]\nturn = [{{ url = "turn:{host}:{port}", '
+               f'username = "{user}", password = "{password}" }}]\n')
+        self.server.register(name, f"{name}-pw")
+        agent = AgentProc(self.tmp / name, f"{name}@{self.server.domain}", f"{name}-pw",
+                          server=f"{self.server.host}:{self.server.port}",
+                          ca_file=self.ca.ca_file, netns=site.host.name, extra_config=ice)
+        agent.init()
+        agent.start()
+        self.agents.append(agent)
+        return agent
+
+
+def ping_ok(agent: AgentProc, address: str) -> bool:
+    assert agent.netns is not None
+    cmd = ["ip", "netns", "exec", agent.netns, "ping", "-n", "-c", "1", "-W", "1", address]
+    return subprocess.run(cmd, capture_output=True, timeout=10, check=False).returncode == 0
+
+
+def first_ping(agent: AgentProc, address: str, timeout: float = 60.0) -> float:
+    start = time.monotonic()
+    wait_for(lambda: ping_ok(agent, address), timeout, f"{agent.user} -> {address}",
+             interval=0.05)
+    return time.monotonic() - start
+
+
+def join_times(rounds: int) -> tuple[list[float], list[float]]:
+    direct: list[float] = []
+    turn: list[float] = []
+    tmp = Path(tempfile.mkdtemp(prefix="svpn-bench-join-"))
+    with NetLab() as lab, Bed(lab, tmp) as bed:
+        alice = bed.agent("alice", bed.topo.add_site("alice"))
+        bob = bed.agent("bob", bed.topo.add_site("bob", nat="eim"))
+        carol = bed.agent("carol", bed.topo.add_site("carol", nat="symmetric"))
+        for a in (alice, bob, carol):
+            a.wait_connected(timeout=20)
+        befriend(alice, bob)
+        befriend(alice, carol)
+        for i in range(rounds):
+            name = f"lab{i}"
+            alice.json("group", "create", name, "--subnet", f"10.{80 + i}.0.0/24")
+            bob.json("group", "join", alice.jid, name)
+            wait_for(lambda n=name: any(j["group"] == n for j in alice.json("requests")["joins"]),
+                     10, "bob's request")
+            start = time.monotonic()
+            alice.json("accept", bob.jid, "--group", name)
+            first_ping(bob, f"10.{80 + i}.0.1")
+            direct.append(time.monotonic() - start)
+            carol.json("group", "join", alice.jid, name)
+            wait_for(lambda n=name: any(j["group"] == n and j["jid"] == carol.jid
+                                        for j in alice.json("requests")["joins"]),
+                     10, "carol's request")
+            start = time.monotonic()
+            alice.json("accept", carol.jid, "--group", name)
+            first_ping(bob, f"10.{80 + i}.0.3")  # bob (home NAT) <-> carol (symmetric): TURN
+            turn.append(time.monotonic() - start)
+            print(f"round {i + 1}: direct {direct[-1]:.2f} s, turn {turn[-1]:.2f} s", flush=True)
+    return direct, turn
+
+
+def mesh_time(devices: int) -> float:
+    tmp = Path(tempfile.mkdtemp(prefix="svpn-bench-mesh-"))
+    with NetLab() as lab, Bed(lab, tmp) as bed:
+        agents = [bed.agent(f"m{i}", bed.topo.add_site(f"m{i}")) for i in range(devices)]
+        for a in agents:
+            a.wait_connected(timeout=30)
+        owner = agents[0]
+        owner.json("group", "create", "mesh", "--subnet", "10.90.0.0/24")
+        for a in agents[1:]:
+            befriend(owner, a)
+            a.json("group", "join", owner.jid, "mesh")
+        wait_for(lambda: len(owner.json("requests")["joins"]) == devices - 1, 30, "requests")
+        start = time.monotonic()
+        for a in agents[1:]:
+            owner.json("accept", a.jid, "--group", "mesh")
+
+        def full() -> bool:
+            return all(len([p for p in a.json("peers") if p.get("state") == "up"]) == devices - 1
+                       for a in agents)
+
+        wait_for(full, 180, "a full mesh", interval=0.5)
+        return time.monotonic() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--mesh", type=int, default=10, help="devices in the mesh (0: skip)")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    direct, turn = join_times(args.rounds)
+    lines = [
+        f"## Join time: `accept` → first ping reply (median of {args.rounds})",
+        "",
+        "| path | median | min | max |",
+        "| --- | --- | --- | --- |",
+        f"| direct (home NAT ↔ no NAT) | {statistics.median(direct):.2f} s | {min(direct):.2f} s "
+        f"| {max(direct):.2f} s |",
+        f"| TURN (home NAT ↔ symmetric NAT) | {statistics.median(turn):.2f} s | "
+        f"{min(turn):.2f} s | {max(turn):.2f} s |",
+    ]
+    if args.mesh:
+        t = mesh_time(args.mesh)
+        lines += ["", f"{args.mesh}-device group: all accepts → full mesh "
+                      f"({args.mesh * (args.mesh - 1) // 2} links up): {t:.1f} s"]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
