@@ -31,6 +31,7 @@ from ..clock import Backoff
 from ..config import Config
 from ..errors import APIError, ProtocolError
 from . import stanzas
+from .signal import Pacer
 from .stanzas import DeviceInfo
 
 log = logging.getLogger("socialvpn.xmpp")
@@ -179,6 +180,8 @@ class XmppClient:
         self._resources: dict[str, dict[str, ContactResource]] = {}
         self._backoff = Backoff(cfg.xmpp.reconnect_min, cfg.xmpp.reconnect_max)
         self._ssl = build_ssl_context(cfg)
+        self._pacer = Pacer()
+        self._pace_lock = asyncio.Lock()
         stanzas.register_stanzas()
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -525,8 +528,16 @@ class XmppClient:
                             timeout: float = 10.0) -> bytes | None:
         """Send a group operation to a full JID; the membership document in the answer, if any.
         A refusal or no answer raises APIError naming the peer."""
-        xmpp = self._need()
         iq_type, payload = stanzas.make_group_op(op)
+        # Pace our own signalling to stay under a server's per-client rate limit (Prosody's
+        # mod_limits example allows 10 kB/s): a burst of links waits its turn, in order.
+        size = len(ET.tostring(payload)) + 120
+        async with self._pace_lock:
+            delay = self._pacer.delay(size, time.monotonic())
+            if delay > 0:
+                await asyncio.sleep(delay)
+            self._pacer.commit(size, time.monotonic())
+        xmpp = self._need()
         iq = xmpp.Iq()
         iq["type"] = iq_type
         iq["to"] = to
