@@ -20,7 +20,7 @@ from . import __version__, groups
 from .config import Config
 from .errors import APIError, ProtocolError, StateError
 from .events import Counters, EventBus
-from .keys import DeviceKeys, b64
+from .keys import DeviceKeys, b64, fingerprint_of
 from .state import GROUPS_FILE, REQUESTS_FILE, StateDir
 from .web.app import APIServer
 from .xmpp import stanzas
@@ -941,11 +941,15 @@ class LinkHub:
                 key = (gid, device.id)
                 sig = self.signals.get(key)
                 stats = links.peer_stats(device.id) if links is not None else {}
+                stats.pop("ice", None)
                 out.append({
                     "group": doc.name, "jid": jid, "device": device.name, "id": device.id,
                     "ip4": device.ip4, "ip6": doc.ip6_of(device),
                     "signalling": str(sig.state) if sig is not None else "idle",
                     "failure": self.failures.get(key),
-                    "fingerprint": key_fingerprint(device.sign), **stats,
+                    "endpoint": stats.get("remote_endpoint"),
+                    "fingerprint": fingerprint_of(base64.b64decode(device.key),
+                                                  base64.b64decode(device.sign)),
+                    **stats,
                 })
         return out

@@ -80,8 +80,14 @@ def test_three_users_full_mesh_through_nat(mesh):
     for a, b in pairs:
         wait_for(lambda a=a, b=b: up(a, b), 45, f"{a.user} -> {b} link up",
                  lambda a=a: a.log_tail(40))
-    assert up(alice, "bob")["path"] == "direct"
+    ab = up(alice, "bob")
+    assert ab["path"] == "direct"
     assert up(bob, "carol")["path"] == "turn"
+    assert "relay" in (up(bob, "carol")["local_candidate_type"],
+                       up(bob, "carol")["remote_candidate_type"])
+    assert ab["fingerprint"] == bob.status()["device"]["fingerprint"]
+    assert ab["endpoint"] and ab["rtt"] is not None and ab["last_handshake"]
+    assert {"rx_bytes", "tx_bytes", "ip4", "ip6", "jid", "group"} <= set(ab)
     for a, b in pairs:
         result = a.cli("ping", ips[b], "-c", "2", check=False, timeout=30)
         assert result.returncode == 0, f"{a.user} -> {b}: {result.stdout} {result.stderr}"
