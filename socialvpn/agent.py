@@ -730,6 +730,7 @@ class LinkHub:
         self._task: asyncio.Task[None] | None = None
         self.failures: dict[tuple[str, str], str] = {}
         self._up: dict[str, asyncio.Event] = {}  # gid -> set once its links are up
+        self._order: dict[tuple[str, str], asyncio.Lock] = {}
 
     def start(self) -> None:
         if self.enabled:
@@ -893,6 +894,14 @@ class LinkHub:
             self.agent._spawn(self._execute(key, actions, jid or self.jids.get(key)))
 
     async def _execute(self, key: tuple[str, str], actions: list[Any], jid: str | None) -> None:
+        # One peer's actions run strictly in the order the state machine gave them (an ICE
+        # session must exist before its remote candidates arrive).
+        lock = self._order.setdefault(key, asyncio.Lock())
+        async with lock:
+            await self._execute_in_order(key, actions, jid)
+
+    async def _execute_in_order(self, key: tuple[str, str], actions: list[Any],
+                                jid: str | None) -> None:
         gid, peer_id = key
         for action in actions:
             try:

@@ -362,14 +362,16 @@ class GroupLinks:
         await asyncio.shield(self._stop_task)
 
     async def _stop(self) -> None:
+        # The packet threads first (they would take the closing paths for a failure), then
+        # the ICE sessions, then the mux.
+        if self._started:
+            await asyncio.to_thread(self.device.stop)
         closing = [self._close_session(link) for link in self._links.values()]
         if closing:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(STOP_TIMEOUT):
                     await asyncio.gather(*closing, return_exceptions=True)
         self.mux.close()
-        if self._started:
-            await asyncio.to_thread(self.device.stop)
 
     # -- peers --
 

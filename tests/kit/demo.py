@@ -1,11 +1,12 @@
 """`make demo`: a local cluster of SocialVPN agents with a real XMPP server.
 
-Starts Prosody (TLS with a throw-away CA) on loopback, registers alice, bob and carol, starts one
-agent each (`socialvpn up`), makes alice friends with bob and carol, forms the group `lab`
-(bob asks to join and alice accepts; alice invites carol and carol accepts) through the CLI
-exactly as a person would, and prints what to look at. (Links between the members' addresses
-come with the next step of the project; `tests/integration/test_link.py` shows the link
-itself.) Everything is removed on exit (also on Ctrl-C).
+Builds a small internet of network namespaces: Prosody (TLS with a throw-away CA) and coturn on
+a "pub" namespace; alice with no NAT, bob behind a home-router NAT, carol behind a symmetric
+NAT, each running its own agent (`socialvpn up`). Through the CLI, exactly as a person would,
+alice makes friends with bob and carol and forms the group `lab` (bob asks to join and alice
+accepts; alice invites carol and carol accepts). The agents then link up over ICE (direct, or
+relayed by TURN where both NATs are hard) with WireGuard-protocol sessions, and the demo shows
+`peers` and pings across the group addresses. Everything is removed on exit (also Ctrl-C).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from pathlib import Path
 
 from tests.kit.agents import AgentProc, wait_for
 from tests.kit.ca import ThrowawayCA
+from tests.kit.coturn import Coturn
+from tests.kit.netns import NetLab
 from tests.kit.prosody import Prosody
 
 USERS = ("alice", "bob", "carol")
@@ -29,22 +32,39 @@ def say(text: str = "") -> None:
     print(text, flush=True)
 
 
+SITES = {"alice": None, "bob": "eim", "carol": "symmetric"}
+NAT_TEXT = {None: "no NAT", "eim": "a home-router NAT", "symmetric": "a symmetric NAT"}
+
+
 def run_demo(hold: float | None, keep: bool) -> int:
     root = Path(tempfile.mkdtemp(prefix="socialvpn-demo-"))
     ca = ThrowawayCA.create(root / "ca")
-    server = Prosody(root / "prosody", ca=ca, log_level="info")
+    lab = NetLab()
     agents: dict[str, AgentProc] = {}
+    server: Prosody | None = None
+    turn: Coturn | None = None
     try:
-        say(f"== starting Prosody (TLS, test CA) on 127.0.0.1, domain {server.domain}")
+        topo = lab.topology()
+        sites = {user: topo.add_site(user, nat=nat) for user, nat in SITES.items()}
+        say("== network namespaces: " + ", ".join(
+            f"{u} behind {NAT_TEXT[n]}" for u, n in SITES.items())
+            + f"; Prosody and coturn on the 'internet' ({topo.service_ip})")
+        server = Prosody(root / "prosody", ca=ca, log_level="info", netns=topo.pub,
+                         host=topo.service_ip)
         server.start()
-        say(f"   listening on {server.host}:{server.port}; log: {server.log_path}")
+        turn = Coturn(topo.pub, topo.service_ip)
+        turn.start()
+        host, port, tuser, tpass = turn.turn_credentials
+        ice = (f'[ice]\nstun = ["{host}:{port}"]\nturn = [{{ url = "turn:{host}:{port}", '
+               f'username = "{tuser}", password = "{tpass}" }}]\n')
+        say(f"   Prosody (TLS, test CA) {server.host}:{server.port}, domain {server.domain}; "
+            f"STUN/TURN {host}:{port}")
         for user in USERS:
             server.register(user, f"{user}-password")
             agent = AgentProc(root / user, f"{user}@{server.domain}", f"{user}-password",
                               server=f"{server.host}:{server.port}", ca_file=ca.ca_file,
-                              device_name=f"{user}-laptop",
-                              # all three share this machine's namespace: no TUN devices here
-                              extra_config="[link]\nenabled = false")
+                              device_name=f"{user}-laptop", netns=sites[user].host.name,
+                              extra_config=ice)
             agent.init()
             agents[user] = agent
         t0 = time.monotonic()
@@ -100,13 +120,27 @@ def run_demo(hold: float | None, keep: bool) -> int:
         wait_for(everyone_in, 15, "all three devices to hold the signed document")
         say("== bob: socialvpn group show lab   (a signed membership document, epoch 3)")
         say(indent(bob.cli("group", "show", "lab").stdout))
-        for user in ("alice", "carol"):
-            say(f"== {user}: socialvpn status")
-            say(indent(agents[user].cli("status").stdout))
+
+        def mesh_up() -> bool:
+            return all(len([p for p in a.json("peers") if p.get("state") == "up"]) == 2
+                       for a in agents.values())
+
+        t0 = time.monotonic()
+        wait_for(mesh_up, 60, "the three links to come up", interval=0.2)
+        say(f"== all links up {time.monotonic() - t0:.2f} s after the last accept")
+        for user in USERS:
+            say(f"== {user}: socialvpn peers")
+            say(indent(agents[user].cli("peers").stdout))
+        for src, dst in (("bob", "carol-laptop"), ("carol", "alice-laptop")):
+            say(f"== {src}: socialvpn ping {dst} -c 2")
+            say(indent(agents[src].cli("ping", dst, "-c", "2", check=False).stdout))
+        say("== alice: socialvpn status")
+        say(indent(alice.cli("status").stdout))
 
         say("== look at it yourself (while this demo runs):")
         for user, agent in agents.items():
-            cmd = f"{shlex.quote(sys.executable)} -m socialvpn status --config {agent.config}"
+            cmd = (f"ip netns exec {agent.netns} {shlex.quote(sys.executable)} -m socialvpn "
+                   f"peers --config {agent.config}")
             say(f"   {user:6} {cmd}")
         say(f"   logs:  {root}/<user>/agent.log   prosody: {server.log_path}")
         if hold is None and sys.stdin.isatty():
@@ -124,7 +158,11 @@ def run_demo(hold: float | None, keep: bool) -> int:
     finally:
         for agent in agents.values():
             agent.stop()
-        server.close()
+        if turn is not None:
+            turn.stop()
+        if server is not None:
+            server.close()
+        lab.cleanup()
         if keep:
             say(f"== stopped all agents and Prosody; files kept in {root}")
         else:
