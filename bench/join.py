@@ -14,52 +14,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.common import emit
 from tests.kit.agents import AgentProc, befriend, wait_for
 from tests.kit.ca import ThrowawayCA
-from tests.kit.coturn import Coturn
-from tests.kit.netns import NetLab, Site, Topology
-from tests.kit.prosody import Prosody
-
-
-class Bed:
-    def __init__(self, lab: NetLab, tmp: Path) -> None:
-        self.lab = lab
-        self.tmp = tmp
-        self.topo: Topology = lab.topology()
-        self.ca = ThrowawayCA.create(tmp / "ca")
-        self.server = Prosody(tmp / "prosody", netns=self.topo.pub, host=self.topo.service_ip,
-                              ca=self.ca, log_level="info")
-        self.turn = Coturn(self.topo.pub, self.topo.service_ip)
-        self.agents: list[AgentProc] = []
-
-    def __enter__(self) -> Bed:
-        self.server.start()
-        self.turn.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for agent in self.agents:
-            agent.stop()
-        self.turn.stop()
-        self.server.close()
-
-    def agent(self, name: str, site: Site) -> AgentProc:
-        host, port, user, password = self.turn.turn_credentials
-        ice = (f'[ice]\nstun = ["{host}:{port}"]\nturn = [{{ url = "turn:{host}:{port}", '
-               f'username = "{user}", password = "{password}" }}]\n')
-        self.server.register(name, f"{name}-pw")
-        agent = AgentProc(self.tmp / name, f"{name}@{self.server.domain}", f"{name}-pw",
-                          server=f"{self.server.host}:{self.server.port}",
-                          ca_file=self.ca.ca_file, netns=site.host.name, extra_config=ice)
-        agent.init()
-        agent.start()
-        self.agents.append(agent)
-        return agent
+from tests.kit.internet import Internet
+from tests.kit.netns import NetLab
 
 
 def ping_ok(agent: AgentProc, address: str) -> bool:
     assert agent.netns is not None
-    cmd = ["ip", "netns", "exec", agent.netns, "ping", "-n", "-c", "1", "-W", "1", address]
+    cmd = ["ip", "netns", "exec", agent.netns, "ping", "-n", "-c", "1", "-W", "0.2", address]
     return subprocess.run(cmd, capture_output=True, timeout=10, check=False).returncode == 0
 
 
@@ -74,10 +38,10 @@ def join_times(rounds: int) -> tuple[list[float], list[float]]:
     direct: list[float] = []
     turn: list[float] = []
     tmp = Path(tempfile.mkdtemp(prefix="svpn-bench-join-"))
-    with NetLab() as lab, Bed(lab, tmp) as bed:
-        alice = bed.agent("alice", bed.topo.add_site("alice"))
-        bob = bed.agent("bob", bed.topo.add_site("bob", nat="eim"))
-        carol = bed.agent("carol", bed.topo.add_site("carol", nat="symmetric"))
+    with NetLab() as lab, Internet(lab, tmp, ThrowawayCA.create(tmp / "ca")) as net:
+        alice = net.agent("alice", net.site("alice"))
+        bob = net.agent("bob", net.site("bob", "eim"))
+        carol = net.agent("carol", net.site("carol", "symmetric"))
         for a in (alice, bob, carol):
             a.wait_connected(timeout=20)
         befriend(alice, bob)
@@ -106,8 +70,8 @@ def join_times(rounds: int) -> tuple[list[float], list[float]]:
 
 def mesh_time(devices: int) -> float:
     tmp = Path(tempfile.mkdtemp(prefix="svpn-bench-mesh-"))
-    with NetLab() as lab, Bed(lab, tmp) as bed:
-        agents = [bed.agent(f"m{i}", bed.topo.add_site(f"m{i}")) for i in range(devices)]
+    with NetLab() as lab, Internet(lab, tmp, ThrowawayCA.create(tmp / "ca")) as net:
+        agents = [net.agent(f"m{i}", net.site(f"m{i}")) for i in range(devices)]
         for a in agents:
             a.wait_connected(timeout=30)
         owner = agents[0]
@@ -149,11 +113,7 @@ def main() -> None:
         t = mesh_time(args.mesh)
         lines += ["", f"{args.mesh}-device group: all accepts → full mesh "
                       f"({args.mesh * (args.mesh - 1) // 2} links up): {t:.1f} s"]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.common import emit
 from socialvpn.errors import SocialVPNError
 from socialvpn.web.client import APIClient
 from tests.kit.agents import AgentProc
@@ -72,11 +73,7 @@ def main() -> None:
         f"| agent start → signed in | {statistics.median(internals):.3f} s | "
         f"{min(internals):.3f} s | {max(internals):.3f} s |",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.common import emit
 from tests.kit.links import (
     Iperf3Server,
     KeyPair,
@@ -133,11 +134,7 @@ def main() -> None:
               + f" (median {statistics.median(ratios):.2f}x); without TUN offloads: "
               + ", ".join(f"{r:.2f}x" for r in plain)
               + f" (median {statistics.median(plain):.2f}x)"]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

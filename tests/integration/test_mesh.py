@@ -11,46 +11,23 @@ from pathlib import Path
 import pytest
 
 from tests.kit.agents import AgentProc, befriend, wait_for
-from tests.kit.coturn import Coturn
+from tests.kit.internet import Internet
 from tests.kit.netns import NetLab
-from tests.kit.prosody import Prosody
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 def mesh(netns_factory: NetLab, test_ca, tmp_path: Path) -> Iterator[dict[str, AgentProc]]:
-    topo = netns_factory.topology()
-    sites = {"alice": topo.add_site("alice"), "bob": topo.add_site("bob", nat="eim"),
-             "carol": topo.add_site("carol", nat="symmetric"),
-             "alice2": topo.add_site("alice2", nat="eim")}  # alice's second device
-    server = Prosody(tmp_path / "prosody", netns=topo.pub, host=topo.service_ip, ca=test_ca)
-    agents: dict[str, AgentProc] = {}
-    with Coturn(topo.pub, topo.service_ip) as turn:
-        host, port, user, password = turn.turn_credentials
-        ice = (f'[ice]\nstun = ["{host}:{port}"]\n'
-               f'turn = [{{ url = "turn:{host}:{port}", username = "{user}", '
-               f'password = "{password}" }}]\n')
-        try:
-            server.start()
-            for name, site in sites.items():
-                account = name.rstrip("2")
-                if account == name:
-                    server.register(name, f"{name}-pw")
-                agent = AgentProc(tmp_path / name, f"{account}@{server.domain}",
-                                  f"{account}-pw", server=f"{server.host}:{server.port}",
-                                  ca_file=test_ca.ca_file, netns=site.host.name,
-                                  extra_config=ice, device_name=name)
-                agent.init()
-                agent.start()
-                agents[name] = agent
-            for agent in agents.values():
-                agent.wait_connected(timeout=20)
-            yield agents
-        finally:
-            for agent in agents.values():
-                agent.stop()
-            server.close()
+    with Internet(netns_factory, tmp_path, test_ca) as net:
+        sites = {"alice": net.site("alice"), "bob": net.site("bob", "eim"),
+                 "carol": net.site("carol", "symmetric"),
+                 "alice2": net.site("alice2", "eim")}  # alice's second device
+        agents = {name: net.agent(name, site, account=name.rstrip("2"))
+                  for name, site in sites.items()}
+        for agent in agents.values():
+            agent.wait_connected(timeout=20)
+        yield agents
 
 
 def _peer(agent: AgentProc, device: str) -> dict | None:
@@ -113,39 +90,20 @@ def _up(a: AgentProc, device: str) -> dict | None:
 
 
 def test_without_turn_symmetric_pair_fails_with_a_reason(netns_factory, test_ca, tmp_path):
-    topo = netns_factory.topology()
-    sites = {"alice": topo.add_site("alice"), "bob": topo.add_site("bob", nat="eim"),
-             "carol": topo.add_site("carol", nat="symmetric")}
-    server = Prosody(tmp_path / "prosody", netns=topo.pub, host=topo.service_ip, ca=test_ca)
-    agents: dict[str, AgentProc] = {}
-    with Coturn(topo.pub, topo.service_ip) as turn:
-        host, port, _, _ = turn.turn_credentials
-        try:
-            server.start()
-            for name, site in sites.items():
-                server.register(name, f"{name}-pw")
-                agent = AgentProc(tmp_path / name, f"{name}@{server.domain}", f"{name}-pw",
-                                  server=f"{server.host}:{server.port}", ca_file=test_ca.ca_file,
-                                  netns=site.host.name,
-                                  extra_config=f'[ice]\nstun = ["{host}:{port}"]')
-                agent.init()
-                agent.start()
-                agents[name] = agent
-            for agent in agents.values():
-                agent.wait_connected(timeout=20)
-            alice, bob, carol = agents["alice"], agents["bob"], agents["carol"]
-            _form(alice, bob, carol)
-            for a, b in ((alice, "bob"), (alice, "carol"), (bob, "alice"), (carol, "alice")):
-                wait_for(lambda a=a, b=b: _up(a, b), 45, f"{a.user} -> {b} up",
-                         lambda a=a: a.log_tail(30))
-            failed = wait_for(lambda: (p := _peer(bob, "carol")) and p.get("failure") and p, 60,
-                              "bob -> carol to report failure", lambda: bob.log_tail(30))
-            assert failed["state"] != "up" and failed["failure"]
-            assert bob.cli("ping", "10.77.0.1", "-c", "1", check=False).returncode == 0
-        finally:
-            for agent in agents.values():
-                agent.stop()
-            server.close()
+    with Internet(netns_factory, tmp_path, test_ca) as net:
+        alice = net.agent("alice", net.site("alice"), turn=False)
+        bob = net.agent("bob", net.site("bob", "eim"), turn=False)
+        carol = net.agent("carol", net.site("carol", "symmetric"), turn=False)
+        for agent in (alice, bob, carol):
+            agent.wait_connected(timeout=20)
+        _form(alice, bob, carol)
+        for a, b in ((alice, "bob"), (alice, "carol"), (bob, "alice"), (carol, "alice")):
+            wait_for(lambda a=a, b=b: _up(a, b), 45, f"{a.user} -> {b} up",
+                     lambda a=a: a.log_tail(30))
+        failed = wait_for(lambda: (p := _peer(bob, "carol")) and p.get("failure") and p, 60,
+                          "bob -> carol to report failure", lambda: bob.log_tail(30))
+        assert failed["state"] != "up" and failed["failure"]
+        assert bob.cli("ping", "10.77.0.1", "-c", "1", check=False).returncode == 0
 
 
 def test_second_device_removal_and_owner_restart(mesh):

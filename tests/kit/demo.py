@@ -21,9 +21,8 @@ from pathlib import Path
 
 from tests.kit.agents import AgentProc, wait_for
 from tests.kit.ca import ThrowawayCA
-from tests.kit.coturn import Coturn
+from tests.kit.internet import Internet
 from tests.kit.netns import NetLab
-from tests.kit.prosody import Prosody
 
 USERS = ("alice", "bob", "carol")
 
@@ -38,35 +37,21 @@ NAT_TEXT = {None: "no NAT", "eim": "a home-router NAT", "symmetric": "a symmetri
 
 def run_demo(hold: float | None, keep: bool) -> int:
     root = Path(tempfile.mkdtemp(prefix="socialvpn-demo-"))
-    ca = ThrowawayCA.create(root / "ca")
     lab = NetLab()
+    net = Internet(lab, root, ThrowawayCA.create(root / "ca"))
     agents: dict[str, AgentProc] = {}
-    server: Prosody | None = None
-    turn: Coturn | None = None
     try:
-        topo = lab.topology()
-        sites = {user: topo.add_site(user, nat=nat) for user, nat in SITES.items()}
         say("== network namespaces: " + ", ".join(
             f"{u} behind {NAT_TEXT[n]}" for u, n in SITES.items())
-            + f"; Prosody and coturn on the 'internet' ({topo.service_ip})")
-        server = Prosody(root / "prosody", ca=ca, log_level="info", netns=topo.pub,
-                         host=topo.service_ip)
-        server.start()
-        turn = Coturn(topo.pub, topo.service_ip)
-        turn.start()
-        host, port, tuser, tpass = turn.turn_credentials
-        ice = (f'[ice]\nstun = ["{host}:{port}"]\nturn = [{{ url = "turn:{host}:{port}", '
-               f'username = "{tuser}", password = "{tpass}" }}]\n')
+            + f"; Prosody and coturn on the 'internet' ({net.topo.service_ip})")
+        net.start()
+        server = net.server
+        host, port = net.turn.stun_address
         say(f"   Prosody (TLS, test CA) {server.host}:{server.port}, domain {server.domain}; "
             f"STUN/TURN {host}:{port}")
-        for user in USERS:
-            server.register(user, f"{user}-password")
-            agent = AgentProc(root / user, f"{user}@{server.domain}", f"{user}-password",
-                              server=f"{server.host}:{server.port}", ca_file=ca.ca_file,
-                              device_name=f"{user}-laptop", netns=sites[user].host.name,
-                              extra_config=ice)
-            agent.init()
-            agents[user] = agent
+        for user, nat in SITES.items():
+            agents[user] = net.agent(user, net.site(user, nat), device_name=f"{user}-laptop",
+                                     start=False)
         t0 = time.monotonic()
         for agent in agents.values():
             agent.start()
@@ -142,7 +127,7 @@ def run_demo(hold: float | None, keep: bool) -> int:
             cmd = (f"ip netns exec {agent.netns} {shlex.quote(sys.executable)} -m socialvpn "
                    f"peers --config {agent.config}")
             say(f"   {user:6} {cmd}")
-        say(f"   logs:  {root}/<user>/agent.log   prosody: {server.log_path}")
+        say(f"   logs:  {root}/<user>/agent.log   prosody: {net.server.log_path}")
         if hold is None and sys.stdin.isatty():
             say("== press Enter (or Ctrl-C) to stop the demo and remove everything")
             try:
@@ -156,12 +141,7 @@ def run_demo(hold: float | None, keep: bool) -> int:
     except KeyboardInterrupt:
         return 130
     finally:
-        for agent in agents.values():
-            agent.stop()
-        if turn is not None:
-            turn.stop()
-        if server is not None:
-            server.close()
+        net.close()
         lab.cleanup()
         if keep:
             say(f"== stopped all agents and Prosody; files kept in {root}")
