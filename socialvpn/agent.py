@@ -103,6 +103,8 @@ class Agent(XmppListener):
         self._requests: dict[str, dict[str, Any]] = self._load_requests()
         self.book = GroupBook(state)
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._pushes: dict[str, set[tuple[str, str]]] = {}  # gid -> extra targets, while pushing
+        self._push_again: set[str] = set()
         self.links = LinkHub(self)
         self._drop_logged: dict[str, float] = {}
         self.running = False
@@ -280,7 +282,7 @@ class Agent(XmppListener):
             raise ProtocolError(f"no group {op.group!r} owned here", "unknown-group")
         doc = self.book.doc(gid)
         if doc.device(op.device.id) is not None:
-            self._spawn(self._push(gid, extra=()))  # already in: send the document again
+            self._schedule_push(gid)  # already in: send the document again
             return
         if any(i["gid"] == gid and i["jid"] == bare for i in self.book.invited):
             log.info("%s accepted the invitation to %s", bare, op.group)
@@ -408,7 +410,32 @@ class Agent(XmppListener):
         self.book.save()
         self.links.changed()
         self.events.publish("group.changed", gid=gid, name=doc.name, epoch=doc.epoch)
-        self._spawn(self._push(gid, extra=also))
+        self._schedule_push(gid, also)
+
+    def _schedule_push(self, gid: str, extra: list[tuple[str, str]] | tuple[()] = ()) -> None:
+        """Push the group's latest document to its members. Changes that come while a push is
+        under way are folded into one more push of the newest epoch (signalling is paced, and
+        an older epoch is worth nothing once a newer one exists)."""
+        pending = self._pushes.get(gid)
+        if pending is not None:  # a pusher runs: it goes round once more
+            pending.update(extra)
+            self._push_again.add(gid)
+            return
+        self._pushes[gid] = set(extra)
+        self._spawn(self._pusher(gid))
+
+    async def _pusher(self, gid: str) -> None:
+        try:
+            while True:
+                extra = self._pushes[gid]
+                self._pushes[gid] = set()
+                self._push_again.discard(gid)
+                await self._push(gid, extra=list(extra))
+                if gid not in self._push_again:
+                    break
+        finally:
+            self._pushes.pop(gid, None)
+            self._push_again.discard(gid)
 
     async def _push(self, gid: str, extra: list[tuple[str, str]] | tuple[()] = ()) -> None:
         if gid not in self.book.groups:
