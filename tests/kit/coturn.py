@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from tests.kit.netns import Netns
+from tests.kit.procs import kill_pids, proc_cmdlines
 
 DEFAULT_REALM = "svpn.test"
 DEFAULT_USER = "svpn"
@@ -85,35 +86,10 @@ def stun_binding_ok(sock: socket.socket, server: tuple[str, int], timeout: float
         return False
 
 
-def _proc_cmdlines() -> list[tuple[int, str]]:
-    out: list[tuple[int, str]] = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            raw = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        out.append((int(entry.name), raw.replace(b"\0", b" ").decode(errors="replace")))
-    return out
-
-
-def _kill(pids: Sequence[int], grace: float) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
-        time.sleep(0.02)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
 def _finalize(workdir: str, owns: bool) -> None:
     """Last resort (exit or GC without close()): kill servers using ``workdir``, remove it."""
     me = os.getpid()
-    _kill([pid for pid, cmd in _proc_cmdlines() if pid != me and "turnserver" in cmd
+    kill_pids([pid for pid, cmd in proc_cmdlines() if pid != me and "turnserver" in cmd
            and workdir in cmd], grace=1.0)
     if owns:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -127,13 +103,13 @@ def cleanup_stale_coturn() -> list[int]:
     pattern = re.compile(re.escape(WORKDIR_PREFIX) + r"(\d+)-")
     me = os.getpid()
     stale = []
-    for pid, cmd in _proc_cmdlines():
+    for pid, cmd in proc_cmdlines():
         found = pattern.search(cmd)
         if pid != me and "turnserver" in cmd and found and not Path(
             f"/proc/{found.group(1)}"
         ).exists():
             stale.append(pid)
-    _kill(stale, grace=STOP_TIMEOUT)
+    kill_pids(stale, grace=STOP_TIMEOUT)
     for workdir in Path(tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*"):
         found = pattern.match(workdir.name)
         if found and not Path(f"/proc/{found.group(1)}").exists():

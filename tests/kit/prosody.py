@@ -39,7 +39,7 @@ import tempfile
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -47,6 +47,7 @@ from typing import IO, Any, Literal
 from tests.kit.ca import CertFiles, ThrowawayCA
 from tests.kit.netns import Netns
 from tests.kit.ports import free_port, port_is_free, tcp_connect_ok
+from tests.kit.procs import kill_matching
 
 DEFAULT_DOMAIN = "svpn.test"
 AUTH_FAILURE_MARK = "svpn-kit: authentication failure"
@@ -102,36 +103,8 @@ def _lua_str(value: str | Path) -> str:
     return f'"{text}"'
 
 
-def _proc_cmdlines() -> list[tuple[int, str]]:
-    out: list[tuple[int, str]] = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            raw = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        out.append((int(entry.name), raw.replace(b"\0", b" ").decode(errors="replace")))
-    return out
-
-
-def _kill_matching(match: Callable[[str], bool], grace: float = STOP_TIMEOUT) -> list[int]:
-    me = os.getpid()
-    pids = [pid for pid, cmd in _proc_cmdlines() if pid != me and match(cmd)]
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
-        time.sleep(0.05)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    return pids
-
-
 def _finalize(config: str, workdir: Path | None) -> None:
-    _kill_matching(lambda cmd: config in cmd, grace=1.0)
+    kill_matching(lambda cmd: config in cmd, grace=1.0)
     if workdir is not None:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -170,7 +143,7 @@ def cleanup_stale_prosody() -> list[int]:
         found = pattern.search(cmd)
         return bool(found) and not Path(f"/proc/{found.group(1)}").exists()
 
-    killed = _kill_matching(stale)
+    killed = kill_matching(stale, grace=STOP_TIMEOUT)
     for workdir in Path(tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*"):
         found = pattern.match(workdir.name)
         if found and not Path(f"/proc/{found.group(1)}").exists():
@@ -419,7 +392,7 @@ class Prosody:
                 os.killpg(proc.pid, signal.SIGKILL)
         # belt and braces: any process still running with our config file
         config = str(self.config_path)
-        _kill_matching(lambda cmd: config in cmd, grace=1.0)
+        kill_matching(lambda cmd: config in cmd, grace=1.0)
         if self._console is not None:
             self._console.close()
             self._console = None
