@@ -20,8 +20,9 @@ from . import __version__, groups
 from .config import Config
 from .errors import APIError, ProtocolError, StateError
 from .events import Counters, EventBus
+from .groupbook import GroupBook
 from .keys import DeviceKeys, b64, fingerprint_of
-from .state import GROUPS_FILE, REQUESTS_FILE, StateDir
+from .state import REQUESTS_FILE, StateDir
 from .web.app import APIServer
 from .xmpp import stanzas
 from .xmpp.client import ConnectionStatus, XmppClient, XmppListener
@@ -42,50 +43,6 @@ INTERFACE_PREFIX = "svpn-"  # every TUN device the agent makes is named svpn-<gr
 
 MAX_PENDING_REQUESTS = 1000  # a flood of requests cannot grow the state files forever
 DROP_LOG_INTERVAL = 10.0  # at most one log line per reason per interval
-
-
-class GroupBook:
-    """This device's groups: signed documents with pinned owner keys, the join requests and
-    invitations waiting for the person, and the joins we asked for. Persisted in
-    ``groups.json`` (0600); every change is written before it is acted on."""
-
-    def __init__(self, state: StateDir) -> None:
-        self.state = state
-        data = state.read_json(GROUPS_FILE, {"version": 1})
-        if not isinstance(data, dict) or data.get("version") != 1:
-            raise StateError(f"{state.path / GROUPS_FILE}: corrupt (unknown format)")
-        try:
-            self.groups: dict[str, tuple[str, groups.SignedDocument]] = {
-                gid: (g["pin"], groups.SignedDocument.from_wire(base64.b64decode(g["doc"])))
-                for gid, g in data.get("groups", {}).items()
-            }
-        except (KeyError, TypeError, ValueError, ProtocolError) as exc:
-            raise StateError(f"{state.path / GROUPS_FILE}: corrupt group: {exc}") from None
-        self.joins: list[dict[str, Any]] = list(data.get("joins", []))
-        self.invitations: list[dict[str, Any]] = list(data.get("invitations", []))
-        self.asked: list[dict[str, Any]] = list(data.get("asked", []))  # joins we sent
-        self.invited: list[dict[str, Any]] = list(data.get("invited", []))  # invites we sent
-
-    def save(self) -> None:
-        self.state.write_json(GROUPS_FILE, {
-            "version": 1,
-            "groups": {gid: {"pin": pin, "doc": base64.b64encode(s.to_wire()).decode()}
-                       for gid, (pin, s) in sorted(self.groups.items())},
-            "joins": self.joins, "invitations": self.invitations,
-            "asked": self.asked, "invited": self.invited,
-        })
-
-    def doc(self, gid: str) -> groups.MembershipDocument:
-        return self.groups[gid][1].doc
-
-    def by_name(self, name: str) -> str | None:
-        for gid, (_, signed) in self.groups.items():
-            if signed.doc.name == name:
-                return gid
-        return None
-
-    def docs(self) -> list[groups.MembershipDocument]:
-        return [s.doc for _, s in self.groups.values()]
 
 
 class Agent(XmppListener):
