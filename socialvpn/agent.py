@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import hashlib
 import logging
 import os
 import time
@@ -21,7 +20,7 @@ from .config import Config
 from .errors import APIError, ProtocolError, StateError
 from .events import Counters, EventBus
 from .groupbook import GroupBook
-from .keys import DeviceKeys, b64, fingerprint_of
+from .keys import DeviceKeys, b64, fingerprint_of, sign_key_fingerprint
 from .state import REQUESTS_FILE, StateDir
 from .web.app import APIServer
 from .xmpp import stanzas
@@ -273,7 +272,7 @@ class Agent(XmppListener):
             "owner_device": op.owner_device, "received_at": time.time()})
         self.book.save()
         log.info("invitation from %s to group %s (owner key %s): decide with `socialvpn "
-                 "accept %s --group %s`", bare, op.name, key_fingerprint(op.owner_sign_key),
+                 "accept %s --group %s`", bare, op.name, sign_key_fingerprint(op.owner_sign_key),
                  bare, op.name)
         self.events.publish("request.new", jid=bare, kind="invitation", group=op.name)
 
@@ -297,7 +296,7 @@ class Agent(XmppListener):
                 return  # not admitted (yet): keep asking
             self.book.asked.remove(asked)
             log.info("joined group %s of %s (owner key %s)", doc.name, doc.owner_jid,
-                     key_fingerprint(pin))
+                     sign_key_fingerprint(pin))
         if doc.device(self.device.id) is None:
             del self.book.groups[gid]
             self.book.save()
@@ -447,7 +446,7 @@ class Agent(XmppListener):
             "ip4": mine[1].ip4 if mine else None,
             "ip6": doc.ip6_of(mine[1]) if mine else None,
             "members": len(doc.members), "devices": len(doc.devices()),
-            "owner_key_fingerprint": key_fingerprint(pin),
+            "owner_key_fingerprint": sign_key_fingerprint(pin),
         }
 
     def groups(self) -> list[dict[str, Any]]:
@@ -628,7 +627,7 @@ class Agent(XmppListener):
                       | {"device": j["device"]["name"], "device_id": j["device"]["id"]}
                       for j in self.book.joins],
             "invitations": [{k: i[k] for k in ("jid", "group", "received_at")}
-                            | {"owner_key_fingerprint": key_fingerprint(i["owner_key"])}
+                            | {"owner_key_fingerprint": sign_key_fingerprint(i["owner_key"])}
                             for i in self.book.invitations],
         }
 
@@ -688,12 +687,6 @@ def cleanup_network(prefix: str = INTERFACE_PREFIX) -> list[str]:
         return router.cleanup(prefix)
     finally:
         router.close()
-
-
-def key_fingerprint(sign_key_b64: str) -> str:
-    """An owner's signing key as people compare it: 8 groups of 4 hex digits."""
-    digest = hashlib.sha256(base64.b64decode(sign_key_b64)).hexdigest()[:32]
-    return " ".join(digest[i:i + 4] for i in range(0, 32, 4))
 
 
 class LinkHub:

@@ -29,8 +29,6 @@ Hashes: :func:`default_subnet4` and :func:`prefix6_for` use SHA-256 of the ASCII
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import ipaddress
 import json
@@ -42,7 +40,7 @@ from typing import Any, Protocol
 
 from .config import validate_device_name, validate_jid
 from .errors import ConfigError, ProtocolError
-from .keys import DEVICE_ID_LEN, b64, device_id_of, unb64_key
+from .keys import DEVICE_ID_LEN, b64, device_id_of, unb64_exact, unb64_key
 from .keys import verify as verify_signature
 
 # -- limits and constants ------------------------------------------------------------------------
@@ -214,7 +212,7 @@ class SignedDocument:
         if not isinstance(sig, str) or len(sig) != _SIG_B64_LEN:
             raise ProtocolError("signature is not 64 bytes of base64")
         try:
-            raw = _unb64_exact(sig, SIGNATURE_LEN)
+            raw = unb64_exact(sig, SIGNATURE_LEN)
         except ValueError:
             raise ProtocolError("signature is not 64 bytes of base64") from None
         return cls(MembershipDocument.from_json(obj["doc"]), raw)
@@ -234,16 +232,6 @@ def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _no_constants(name: str) -> object:
     raise ValueError(f"{name} is not JSON")
-
-
-def _unb64_exact(text: str, length: int) -> bytes:
-    try:
-        raw = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError("not base64") from None
-    if len(raw) != length or b64(raw) != text:
-        raise ValueError("not canonical base64 of the right length")
-    return raw
 
 
 # -- parsing -------------------------------------------------------------------------------------

@@ -30,17 +30,28 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def unb64_key(text: str) -> bytes:
-    """A base64 32-byte key, strictly (canonical padding, exact length); ValueError otherwise."""
-    if len(text) != 44:
-        raise ValueError("a key is 44 base64 characters")
+def unb64_exact(text: str, length: int) -> bytes:
+    """Strict base64 of exactly ``length`` bytes (canonical padding); ValueError otherwise."""
+    if len(text) != 4 * ((length + 2) // 3):
+        raise ValueError(f"not {length} bytes of base64")
     try:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise ValueError("not base64") from None
-    if len(raw) != KEY_LEN or b64(raw) != text:
-        raise ValueError("not a canonical 32-byte key")
+    if len(raw) != length or b64(raw) != text:
+        raise ValueError(f"not canonical base64 of {length} bytes")
     return raw
+
+
+def unb64_key(text: str) -> bytes:
+    """A base64 32-byte key, strictly; ValueError otherwise."""
+    return unb64_exact(text, KEY_LEN)
+
+
+def sign_key_fingerprint(sign_key_b64: str) -> str:
+    """A signing key (e.g. a group owner's) as people compare it: 8 groups of 4 hex digits."""
+    digest = hashlib.sha256(base64.b64decode(sign_key_b64)).hexdigest()[:32]
+    return " ".join(digest[i:i + 4] for i in range(0, 32, 4))
 
 
 def device_id_of(x25519_public: bytes) -> str:

@@ -18,6 +18,7 @@ from slixmpp.stanza import Presence
 from slixmpp.xmlstream import ElementBase, register_stanza_plugin
 
 from ..errors import ProtocolError
+from ..groups import validate_group_name
 from ..keys import device_id_of, unb64_key
 from .signal import Kind, LinkMessage, validate
 
@@ -143,7 +144,6 @@ def parse_iq_payload(xml: ET.Element, known: frozenset[str]) -> tuple[str, ET.El
 
 GROUP_OPS = frozenset({"join", "invite", "membership", "leave", "link"})
 _GID_RE = re.compile(r"[0-9a-f]{32}")
-_GROUP_NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,10}")
 
 
 @dataclass(frozen=True)
@@ -199,9 +199,10 @@ def _gid(xml: ET.Element, required: bool = True) -> str:
 
 
 def _group_name(value: str) -> str:
-    if not _GROUP_NAME_RE.fullmatch(value):
-        raise ProtocolError("bad group name", "malformed")
-    return value
+    try:
+        return validate_group_name(value)
+    except ValueError:
+        raise ProtocolError("bad group name", "malformed") from None
 
 
 def parse_group_op(xml: ET.Element, iq_type: str) -> GroupOp:
