@@ -44,6 +44,28 @@ def _client(cfg: Config) -> APIClient:
     return APIClient(StateDir(cfg.state_dir).api_socket)
 
 
+def _api(args: argparse.Namespace) -> APIClient:
+    return _client(load_config(args.config))
+
+
+def _listing(args: argparse.Namespace, path: str) -> Any:
+    """GET ``path``; with ``--json`` print it and return None (the caller is done)."""
+    value = _api(args).get(path)
+    if args.json:
+        _print_json(value)
+        return None
+    return value
+
+
+def _report(args: argparse.Namespace, result: dict[str, Any], text: str) -> int:
+    """The outcome of a change: JSON with ``--json``, else one line."""
+    if args.json:
+        _print_json(result)
+    else:
+        print(text)
+    return 0
+
+
 def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, sort_keys=True))
 
@@ -154,10 +176,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
-    st = _client(cfg).get("status")
-    if args.json:
-        _print_json(st)
+    st = _listing(args, "status")
+    if st is None:
         return 0
     import time
 
@@ -185,10 +205,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_friends(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
-    friends = _client(cfg).get("friends")
-    if args.json:
-        _print_json(friends)
+    friends = _listing(args, "friends")
+    if friends is None:
         return 0
     if not friends:
         print(f"no friends yet: `{PROG} friend add JID` sends a request")
@@ -207,20 +225,13 @@ def cmd_friends(args: argparse.Namespace) -> int:
 
 
 def cmd_friend(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
-    result = _client(cfg).post("friends", {"op": args.friend_op, "jid": args.jid})
-    if args.json:
-        _print_json(result)
-    else:
-        print(f"{result['jid']}: {result['result']}")
-    return 0
+    result = _api(args).post("friends", {"op": args.friend_op, "jid": args.jid})
+    return _report(args, result, f"{result['jid']}: {result['result']}")
 
 
 def cmd_requests(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
-    reqs = _client(cfg).get("requests")
-    if args.json:
-        _print_json(reqs)
+    reqs = _listing(args, "requests")
+    if reqs is None:
         return 0
     import time
 
@@ -238,10 +249,8 @@ def cmd_requests(args: argparse.Namespace) -> int:
 
 
 def cmd_groups(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
-    groups = _client(cfg).get("groups")
-    if args.json:
-        _print_json(groups)
+    groups = _listing(args, "groups")
+    if groups is None:
         return 0
     if not groups:
         print(f"no groups yet: `{PROG} group create NAME` makes one")
@@ -253,8 +262,7 @@ def cmd_groups(args: argparse.Namespace) -> int:
 
 
 def cmd_group(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
-    client = _client(cfg)
+    client = _api(args)
     op = args.group_op
     if op == "show":
         g = client.get(f"groups/{quote(args.name, safe='')}")
@@ -282,22 +290,18 @@ def cmd_group(args: argparse.Namespace) -> int:
     else:
         body.update(name=args.name)
     result = client.post("groups", {k: v for k, v in body.items() if v is not None})
-    if args.json:
-        _print_json(result)
-    elif op == "create":
-        print(f"created {result['name']}: subnet {result['subnet4']} {result['prefix6']}, "
-              f"your address {result['ip4']}")
-        print(f"owner key fingerprint {result['owner_key_fingerprint']} (members compare it)")
+    if op == "create":
+        text = (f"created {result['name']}: subnet {result['subnet4']} {result['prefix6']}, "
+                f"your address {result['ip4']}\nowner key fingerprint "
+                f"{result['owner_key_fingerprint']} (members compare it)")
     else:
-        print(f"{result.get('group', args.name)}: {result['result']}")
-    return 0
+        text = f"{result.get('group', args.name)}: {result['result']}"
+    return _report(args, result, text)
 
 
 def cmd_peers(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
-    peers = _client(cfg).get("peers")
-    if args.json:
-        _print_json(peers)
+    peers = _listing(args, "peers")
+    if peers is None:
         return 0
     if not peers:
         print("no peers: join a group with other devices in it")
@@ -322,8 +326,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
 def cmd_ping(args: argparse.Namespace) -> int:
     import subprocess
 
-    cfg = load_config(args.config)
-    peers = _client(cfg).get("peers")
+    peers = _api(args).get("peers")
     target = args.peer
     match = [p for p in peers if target in (p["device"], p["jid"], p["id"], p["ip4"], p["ip6"])]
     if not match:
@@ -339,16 +342,11 @@ def cmd_ping(args: argparse.Namespace) -> int:
 
 def _decide(op: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        cfg = load_config(args.config)
         body = {"op": op, "jid": args.jid}
         if args.group:
             body["group"] = args.group
-        result = _client(cfg).post("requests", body)
-        if args.json:
-            _print_json(result)
-        else:
-            print(f"{result['jid']}: {result['result']}")
-        return 0
+        result = _api(args).post("requests", body)
+        return _report(args, result, f"{result['jid']}: {result['result']}")
 
     return run
 
