@@ -20,13 +20,14 @@ from tests.kit.links import (
     Iperf3Server,
     KeyPair,
     LinkPeer,
-    OurLink,
     WgGoLink,
     iperf3,
+    ours_pair,
     ping,
     ping_rtt_ms,
     tcp_mbps,
     udp_summary,
+    veth_hosts,
 )
 from tests.kit.netns import NetLab, Netns
 
@@ -34,8 +35,7 @@ Setup = Callable[[NetLab, Path], tuple[Netns, Netns, str, list[Any]]]
 
 
 def raw_veth(lab: NetLab, tmp: Path) -> tuple[Netns, Netns, str, list[Any]]:
-    a, b = lab.netns("a"), lab.netns("b")
-    lab.veth(a, b, a_addr="10.0.0.1/24", b_addr="10.0.0.2/24")
+    a, b = veth_hosts(lab)
     return a, b, "10.0.0.2", []
 
 
@@ -53,15 +53,8 @@ def wireguard_go(lab: NetLab, tmp: Path) -> tuple[Netns, Netns, str, list[Any]]:
 
 def socialvpn(lab: NetLab, tmp: Path, offloads: bool = True
               ) -> tuple[Netns, Netns, str, list[Any]]:
-    a, b, _, _ = raw_veth(lab, tmp)
-    ka, kb = KeyPair.generate(), KeyPair.generate()
-    la = OurLink(a, tmp, ka, "10.9.0.1/24", port=51821, offloads=offloads,
-                 peers=[LinkPeer(kb.public, ["10.9.0.2/32"], "10.0.0.2:51822")])
-    lb = OurLink(b, tmp, kb, "10.9.0.2/24", port=51822, offloads=offloads,
-                 peers=[LinkPeer(ka.public, ["10.9.0.1/32"], "10.0.0.1:51821")])
-    la.start()
-    lb.start()
-    return a, b, "10.9.0.2", [la, lb]
+    la, lb = ours_pair(lab, tmp, offloads=offloads)
+    return la.ns, lb.ns, "10.9.0.2", [la, lb]
 
 
 def socialvpn_per_packet(lab: NetLab, tmp: Path) -> tuple[Netns, Netns, str, list[Any]]:

@@ -18,9 +18,11 @@ from tests.kit.links import (
     OurLink,
     WgGoLink,
     iperf3,
+    ours_pair,
     ping,
     tcp_mbps,
     udp_summary,
+    veth_hosts,
 )
 from tests.kit.netns import NetLab, Netns
 
@@ -31,10 +33,9 @@ OVERLAY = "10.9.0.0/24"
 
 def _hosts(lab: NetLab, *names: str) -> list[Netns]:
     """Hosts on one underlay segment 10.0.0.0/24 through a bridge-less chain of veths."""
+    if len(names) == 2:
+        return list(veth_hosts(lab))
     hosts = [lab.netns(n) for n in names]
-    if len(hosts) == 2:
-        lab.veth(hosts[0], hosts[1], a_addr="10.0.0.1/24", b_addr="10.0.0.2/24")
-        return hosts
     hub = lab.netns("hub")
     hub.enable_forwarding()
     for i, h in enumerate(hosts, start=1):
@@ -92,16 +93,9 @@ def test_interop_with_wireguard_go(lab, tmp_path, links, ours_initiates):
 
 
 def _pair_ours(lab, tmp_path, links, timers=None) -> tuple[OurLink, OurLink]:
-    a, b = _hosts(lab, "a", "b")
-    ka, kb = KeyPair.generate(), KeyPair.generate()
-    la = OurLink(a, tmp_path, ka, "10.9.0.1/24", port=51821, timers=timers or {},
-                 peers=[LinkPeer(kb.public, ["10.9.0.2/32"], "10.0.0.2:51822")])
-    lb = OurLink(b, tmp_path, kb, "10.9.0.2/24", port=51822, timers=timers or {},
-                 peers=[LinkPeer(ka.public, ["10.9.0.1/32"], "10.0.0.1:51821")])
-    links += [la, lb]
-    la.start()
-    lb.start()
-    return la, lb
+    pair = ours_pair(lab, tmp_path, timers=timers)
+    links += list(pair)
+    return pair
 
 
 def test_two_of_ours_ping_tcp_udp(lab, tmp_path, links):

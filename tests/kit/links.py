@@ -199,6 +199,27 @@ class WgGoLink:
         self.ns.ip("link", "del", self.ifname, check=False)
 
 
+def veth_hosts(lab: Any) -> tuple[Netns, Netns]:
+    """Two hosts on one underlay segment: a = 10.0.0.1, b = 10.0.0.2."""
+    a, b = lab.netns("a"), lab.netns("b")
+    lab.veth(a, b, a_addr="10.0.0.1/24", b_addr="10.0.0.2/24")
+    return a, b
+
+
+def ours_pair(lab: Any, tmp: Path, *, timers: dict[str, float] | None = None,
+              offloads: bool = True) -> tuple[OurLink, OurLink]:
+    """Our link in two fresh hosts (overlay 10.9.0.1 and .2), started."""
+    a, b = veth_hosts(lab)
+    ka, kb = KeyPair.generate(), KeyPair.generate()
+    la = OurLink(a, tmp, ka, "10.9.0.1/24", port=51821, timers=timers or {}, offloads=offloads,
+                 peers=[LinkPeer(kb.public, ["10.9.0.2/32"], "10.0.0.2:51822")])
+    lb = OurLink(b, tmp, kb, "10.9.0.2/24", port=51822, timers=timers or {}, offloads=offloads,
+                 peers=[LinkPeer(ka.public, ["10.9.0.1/32"], "10.0.0.1:51821")])
+    la.start()
+    lb.start()
+    return la, lb
+
+
 def ping(ns: Netns, target: str, count: int = 3, interval: float = 0.2, timeout: float = 2.0,
          size: int | None = None) -> subprocess.CompletedProcess[str]:
     cmd = ["ping", "-n", "-c", str(count), "-i", str(interval), "-W", str(timeout), target]
