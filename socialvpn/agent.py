@@ -755,7 +755,7 @@ class LinkHub:
             if gid not in self.groups:
                 await self._add_group(gid, doc)
             links = self.groups[gid]
-            links.exclude_networks = overlay
+            links.set_excluded_networks(overlay)
             plans = groups.link_plans([doc], me)
             for peer_id, plan in plans.items():
                 links.set_peer(peer_id, base64.b64decode(plan.key), plan.allowed_ips)

@@ -169,7 +169,7 @@ class Device:
         self.routes.set_allowed(peer, cfg.allowed_ips)
         self._peers[cfg.public_key] = peer
         if cfg.persistent_keepalive > 0 and peer.endpoint is not None and self._running:
-            self._send(peer, [b""], keepalive=True)
+            self.send_keepalive(peer)
         return peer
 
     def remove_peer(self, public_key: bytes) -> None:
@@ -192,6 +192,10 @@ class Device:
     def peers(self) -> list[Peer]:
         return list(self._peers.values())
 
+    def send_keepalive(self, peer: Peer) -> None:
+        """Send a keepalive now, starting a handshake first if there is no session."""
+        self._send(peer, [b""], keepalive=True)
+
     def set_endpoint(self, public_key: bytes, host: str, port: int) -> None:
         peer = self._peers[public_key]
         with peer.lock:
@@ -212,7 +216,7 @@ class Device:
             self._threads.append(t)
         for peer in self.peers():
             if peer.timers.persistent_keepalive > 0 and peer.endpoint is not None:
-                self._send(peer, [b""], keepalive=True)
+                self.send_keepalive(peer)
 
     def stop(self, timeout: float = 5.0) -> None:
         if not self._running:
@@ -575,7 +579,7 @@ class Device:
 
     def _carry_out(self, peer: Peer, action: TimerAction, now: float) -> None:
         if action is TimerAction.SEND_KEEPALIVE:
-            self._send(peer, [b""], keepalive=True)
+            self.send_keepalive(peer)
         elif action is TimerAction.SEND_INITIATION:
             self._initiate(peer, now, is_retry=True)
         elif action is TimerAction.ZERO_KEYS:

@@ -373,6 +373,11 @@ class GroupLinks:
                     await asyncio.gather(*closing, return_exceptions=True)
         self.mux.close()
 
+    def set_excluded_networks(self, networks: tuple[str, ...]) -> None:
+        """Overlay networks ICE must never gather on (every group's, not just this one's);
+        taken by the next ICE session."""
+        self.exclude_networks = tuple(networks)
+
     # -- peers --
 
     def set_peer(self, peer_id: str, public_key: bytes, allowed_ips: tuple[str, ...]) -> None:
@@ -497,7 +502,7 @@ class GroupLinks:
             return
         peer = self.device.peer(link.public_key)
         if peer is not None:
-            self.device._send(peer, [b""], keepalive=True)
+            self.device.send_keepalive(peer)
 
     def _on_lost(self, link: _Link, session: IceSession, reason: str) -> None:
         if link.session is session and self._links.get(link.peer_id) is link:
