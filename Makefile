@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 # Debian packages the agent and its test bed use (DESIGN.md §5). --no-upgrade: never upgrade
 # what the system already has (e.g. openssl) as a side effect.
 APT_PACKAGES := prosody lua-sec lua-unbound coturn nftables iproute2 iputils-ping iperf3 wireguard-go \
-	wireguard-tools openssl procps ca-certificates python3-venv
+	wireguard-tools openssl procps ca-certificates python3-venv systemd chromium chromium-driver \
+	ejabberd tinc openvpn fastd conntrack
 PYTEST_ARGS ?=
 
 .PHONY: all deps apt-deps py-deps test unit integration lint demo bench clean
