@@ -10,9 +10,10 @@ import signal
 import socket
 import sys
 
-from .agent import Agent, cleanup_network
+from .agent import Agent
 from .config import Config, read_password
 from .errors import ConfigError
+from .linkhub import cleanup_network
 from .state import StateDir
 
 log = logging.getLogger("socialvpn")

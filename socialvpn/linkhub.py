@@ -1,0 +1,303 @@
+"""The links of every group this device is in (the second orchestrator module, beside agent.py).
+
+One TUN device and one ``GroupLinks`` per group, a signalling state machine per (group, peer
+device); signalling actions become XMPP messages and ICE calls, ICE events become signalling.
+Like agent.py it may import across subpackages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from . import groups
+from .errors import APIError, ProtocolError
+from .keys import fingerprint_of
+from .xmpp import stanzas
+from .xmpp.signal import (
+    AddRemoteCandidates,
+    LinkMessage,
+    LinkSignaling,
+    Role,
+    SendMessage,
+    StartIce,
+    StopIce,
+)
+
+if TYPE_CHECKING:
+    from .agent import Agent
+
+log = logging.getLogger("socialvpn.links")
+
+INTERFACE_PREFIX = "svpn-"  # every TUN device the agent makes is named svpn-<group>
+
+
+def cleanup_network(prefix: str = INTERFACE_PREFIX) -> list[str]:
+    """Remove every interface (and with it every route and address) the agent ever made.
+
+    Works with no agent running, e.g. after a crash; idempotent.
+    """
+    from .net.router import Router  # pyroute2 only for commands that touch the network
+
+    router = Router()
+    try:
+        return router.cleanup(prefix)
+    finally:
+        router.close()
+
+
+class LinkHub:
+    """The links of every group this device is in: a TUN device and a ``GroupLinks`` per
+    group, and a signalling state machine per (group, peer device). It turns signalling
+    actions into XMPP messages and ICE calls, and ICE events back into signalling."""
+
+    TICK = 0.2
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.enabled = agent.cfg.link.enabled
+        self.groups: dict[str, Any] = {}  # gid -> GroupLinks
+        self.tuns: dict[str, Any] = {}  # gid -> TunDevice
+        self.signals: dict[tuple[str, str], LinkSignaling] = {}
+        self.jids: dict[tuple[str, str], str] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.failures: dict[tuple[str, str], str] = {}
+        self._up: dict[str, asyncio.Event] = {}  # gid -> set once its links are up
+        self._order: dict[tuple[str, str], asyncio.Lock] = {}
+
+    def start(self) -> None:
+        if self.enabled:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="links")
+            self.changed()
+
+    def changed(self) -> None:
+        self._wake.set()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        for gid in list(self.groups):
+            await self._drop_group(gid)
+
+    async def _loop(self) -> None:
+        while True:
+            if self._wake.is_set():
+                self._wake.clear()
+                try:
+                    await self._sync()
+                except Exception:
+                    log.exception("link set-up failed")
+            now = time.monotonic()
+            for key, sig in list(self.signals.items()):
+                deadline = sig.next_deadline()
+                if deadline is not None and deadline <= now:
+                    self._run(key, sig.handle_timer(now))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.TICK)
+
+    async def _sync(self) -> None:
+        agent = self.agent
+        me = agent.device.id
+        wanted = {gid: agent.book.doc(gid) for gid in agent.book.groups
+                  if agent.book.doc(gid).device(me) is not None}
+        for gid in list(self.groups):
+            if gid not in wanted:
+                await self._drop_group(gid)
+        # ICE must never gather on (or through) any group's overlay addresses.
+        overlay = tuple(n for doc in wanted.values() for n in (doc.subnet4, doc.prefix6))
+        for gid, doc in wanted.items():
+            if gid not in self.groups:
+                await self._add_group(gid, doc)
+            links = self.groups[gid]
+            links.set_excluded_networks(overlay)
+            plans = groups.link_plans([doc], me)
+            for peer_id, plan in plans.items():
+                links.set_peer(peer_id, base64.b64decode(plan.key), plan.allowed_ips)
+                key = (gid, peer_id)
+                if key not in self.signals:
+                    sig = LinkSignaling(me, peer_id, rng=os.urandom)
+                    self.signals[key] = sig
+                    self.jids[key] = plan.jid
+                    self._run(key, sig.start(time.monotonic()))
+            for key in [k for k in self.signals if k[0] == gid and k[1] not in plans]:
+                sig = self.signals.pop(key)
+                self._run(key, sig.close(time.monotonic()), jid=self.jids.pop(key, None))
+                await links.remove_peer(key[1])
+
+    async def _add_group(self, gid: str, doc: groups.MembershipDocument) -> None:
+        from .link.ice import IceServers, TurnServer
+        from .link.manager import GroupLinks
+        from .net.packet_router import PacketRouter
+        from .net.router import InterfaceSpec, Router
+        from .net.tun import TunDevice
+
+        cfg = self.agent.cfg
+        _, mine = doc.device(self.agent.device.id)  # type: ignore[misc]
+        name = f"svpn-{doc.name}"
+        prefix4 = doc.subnet4.split("/")[1]
+        tun = await asyncio.to_thread(TunDevice.open, name, cfg.link.mtu, offloads=True)
+        spec = InterfaceSpec(name=name, mtu=cfg.link.mtu,
+                             addresses=(f"{mine.ip4}/{prefix4}", f"{doc.ip6_of(mine)}/64"))
+        router = Router()
+        try:
+            await asyncio.to_thread(router.apply, spec)
+        finally:
+            router.close()
+        turn = []
+        for t in cfg.ice.turn:
+            host_port = t.url.split(":", 1)[1].split("?")[0]
+            host, _, port = host_port.rpartition(":")
+            turn.append(TurnServer(host or host_port, int(port or 3478), t.username, t.password))
+        servers = IceServers(stun=tuple((s.host, s.port) for s in cfg.ice.stun),
+                             turn=tuple(turn))
+        links = GroupLinks(private_key=self.agent.keys.x25519_private, tun=tun,
+                           routes=PacketRouter(), servers=servers, mtu=cfg.link.mtu,
+                           on_event=lambda ev, gid=gid: self._on_event(gid, ev),
+                           exclude_networks=(doc.subnet4, doc.prefix6))
+        links.start()
+        self.groups[gid] = links
+        self.tuns[gid] = tun
+        self._ready(gid).set()
+        log.info("group %s: %s up with %s and %s", doc.name, name, mine.ip4, doc.ip6_of(mine))
+
+    async def _drop_group(self, gid: str) -> None:
+        from .net.router import Router
+
+        links = self.groups.pop(gid)
+        self._up.pop(gid, None)
+        for key in [k for k in self.signals if k[0] == gid]:
+            sig = self.signals.pop(key)
+            self._run(key, sig.close(time.monotonic()), jid=self.jids.pop(key, None))
+        await links.stop()
+        tun = self.tuns.pop(gid, None)
+        name = getattr(tun, "name", None)
+        if tun is not None:
+            tun.close()
+        if name:
+            router = Router()
+            try:
+                await asyncio.to_thread(router.remove, name)
+            except Exception as exc:
+                log.debug("removing %s: %s", name, exc)
+            finally:
+                router.close()
+
+    # --- signalling <-> ICE ----------------------------------------------------------------
+
+    def _ready(self, gid: str) -> asyncio.Event:
+        event = self._up.get(gid)
+        if event is None:
+            event = self._up[gid] = asyncio.Event()
+        if gid in self.groups:
+            event.set()
+        return event
+
+    def receive(self, gid: str, peer_id: str, jid: str, msg: LinkMessage) -> None:
+        if not self.enabled:
+            raise ProtocolError("links are switched off on this device", "unknown")
+        if gid not in self.groups:
+            self.changed()  # the document just arrived: the group's links are being set up
+        key = (gid, peer_id)
+        sig = self.signals.get(key)
+        if sig is None:
+            sig = LinkSignaling(self.agent.device.id, peer_id, rng=os.urandom)
+            self.signals[key] = sig
+            self.jids[key] = jid
+        self._run(key, sig.receive(msg, time.monotonic()))
+
+    def _on_event(self, gid: str, event: Any) -> None:
+        key = (gid, event.peer_id)
+        sig = self.signals.get(key)
+        if sig is None:
+            return
+        now = time.monotonic()
+        if event.kind == "candidates":
+            self._run(key, sig.local_candidates(tuple(event.candidates), event.end, now))
+        elif event.kind == "connected":
+            self.failures.pop(key, None)
+            self._run(key, sig.ice_connected(now))
+        elif event.kind == "failed":
+            self.failures[key] = event.reason
+            self._run(key, sig.ice_failed(event.reason, now))
+
+    def _run(self, key: tuple[str, str], actions: list[Any], jid: str | None = None) -> None:
+        if actions:
+            self.agent._spawn(self._execute(key, actions, jid or self.jids.get(key)))
+
+    async def _execute(self, key: tuple[str, str], actions: list[Any], jid: str | None) -> None:
+        # One peer's actions run strictly in the order the state machine gave them (an ICE
+        # session must exist before its remote candidates arrive).
+        lock = self._order.setdefault(key, asyncio.Lock())
+        async with lock:
+            await self._execute_in_order(key, actions, jid)
+
+    async def _execute_in_order(self, key: tuple[str, str], actions: list[Any],
+                                jid: str | None) -> None:
+        gid, peer_id = key
+        for action in actions:
+            try:
+                if isinstance(action, SendMessage):
+                    if jid and self.agent.xmpp.connected:
+                        await self.agent.xmpp.send_group_op(
+                            f"{jid}/svpn-{peer_id}", stanzas.LinkSignal(gid, action.msg))
+                    continue
+                if gid not in self.groups:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._ready(gid).wait(), 10)
+                links = self.groups.get(gid)
+                if links is None:
+                    continue
+                elif isinstance(action, StartIce):
+                    await links.start_ice(peer_id, controlling=action.role == Role.CONTROLLING,
+                                          local_ufrag=action.local_ufrag,
+                                          local_pwd=action.local_pwd,
+                                          remote_ufrag=action.remote_ufrag,
+                                          remote_pwd=action.remote_pwd)
+                elif isinstance(action, AddRemoteCandidates):
+                    links.add_remote_candidates(peer_id, tuple(action.candidates),
+                                                action.end_of_candidates)
+                elif isinstance(action, StopIce):
+                    if action.reason and action.reason not in ("bye", "restart"):
+                        self.failures[key] = action.reason
+                    await links.stop_ice(peer_id)
+            except APIError as exc:
+                log.debug("link signalling to %s: %s", peer_id, exc)
+            except Exception:
+                log.exception("link action %r for %s failed", type(action).__name__, peer_id)
+
+    # --- the API ---------------------------------------------------------------------------
+
+    def peers(self) -> list[dict[str, Any]]:
+        out = []
+        agent = self.agent
+        for gid in agent.book.groups:
+            doc = agent.book.doc(gid)
+            if doc.device(agent.device.id) is None:
+                continue
+            links = self.groups.get(gid)
+            for jid, device in doc.devices():
+                if device.id == agent.device.id:
+                    continue
+                key = (gid, device.id)
+                sig = self.signals.get(key)
+                stats = links.peer_stats(device.id) if links is not None else {}
+                stats.pop("ice", None)
+                out.append({
+                    "group": doc.name, "jid": jid, "device": device.name, "id": device.id,
+                    "ip4": device.ip4, "ip6": doc.ip6_of(device),
+                    "signalling": str(sig.state) if sig is not None else "idle",
+                    "failure": self.failures.get(key),
+                    "endpoint": stats.get("remote_endpoint"),
+                    "fingerprint": fingerprint_of(base64.b64decode(device.key),
+                                                  base64.b64decode(device.sign)),
+                    **stats,
+                })
+        return out
