@@ -43,7 +43,8 @@ class Agent(XmppListener):
         self.device = DeviceInfo(id=keys.device_id, name=cfg.device.name,
                                  key=b64(keys.x25519_public), sign=b64(keys.ed25519_public))
         self.xmpp = XmppClient(cfg, password, self.device, self)
-        self.api = APIServer(self, state.api_socket)
+        self.api = APIServer(self, state.api_socket,
+                             listen=(cfg.web.listen.host, cfg.web.listen.port))
         self._requests: dict[str, dict[str, Any]] = self._load_requests()
         self.book = GroupBook(state)
         self._tasks: set[asyncio.Task[Any]] = set()

@@ -100,8 +100,10 @@ def make_app(agent: AgentAPI) -> web.Application:
 class APIServer:
     """Runs the app on the Unix socket; ``stop`` removes the socket file."""
 
-    def __init__(self, agent: AgentAPI, socket_path: Path) -> None:
+    def __init__(self, agent: AgentAPI, socket_path: Path,
+                 listen: tuple[str, int] | None = None) -> None:
         self.socket_path = socket_path
+        self.listen = listen  # the dashboard's TCP address (config [web] listen); None: none
         self._app = make_app(agent)
         self._runner: web.AppRunner | None = None
 
