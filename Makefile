@@ -10,7 +10,7 @@ APT_PACKAGES := prosody lua-sec lua-unbound coturn nftables iproute2 iputils-pin
 	ejabberd tinc openvpn fastd conntrack
 PYTEST_ARGS ?=
 
-.PHONY: all deps apt-deps py-deps test unit integration lint demo bench clean
+.PHONY: all deps apt-deps py-deps test unit integration lint demo demo-down bench clean
 
 all: test
 
@@ -49,6 +49,11 @@ integration: deps
 
 demo: deps
 	$(PY) -m tests.kit.demo
+
+# Stops a demo left running (`make demo` leaves its cluster up for the browser) and removes
+# every namespace, process and interface it made. Safe to run any time.
+demo-down: py-deps
+	$(PY) -m tests.kit.demo --down
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis build *.egg-info
