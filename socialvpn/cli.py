@@ -157,6 +157,21 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_service(args: argparse.Namespace) -> int:
+    from .service import install
+
+    cfg = load_config(args.config)
+    result = install(args.config, cfg.state_dir, unit_dir=args.unit_dir,
+                     enable=not args.no_enable, now=args.now, force=args.force)
+    for w in result.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    if args.json:
+        _print_json(result.to_json())
+    else:
+        print("\n".join(result.messages))
+    return 0
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     warnings = check_files(cfg)
@@ -475,6 +490,28 @@ def build_parser() -> argparse.ArgumentParser:
                                    "routes. Safe to run any time; the agent runs it when it "
                                    "stops, and systemd after a crash.")
     p.set_defaults(func=cmd_cleanup)
+
+    p = sub.add_parser("service", parents=[common], help="install the systemd service",
+                       description="Run the agent as a systemd service that starts on boot.")
+    ssub = p.add_subparsers(dest="service_op", metavar="install")
+    ssub.required = True
+    sp = ssub.add_parser(
+        "install", parents=[common, listing], help="write and enable the systemd unit",
+        description="Write socialvpn.service (mode 0644) for this installation and the config "
+                    "file given with --config (it must exist: `socialvpn init` first), then "
+                    "`systemctl daemon-reload` and `systemctl enable` it (and start it with "
+                    "--now). The unit runs `socialvpn up` as a Type=notify service with only "
+                    "CAP_NET_ADMIN, restarts it on failure and runs `socialvpn cleanup` after "
+                    "it stops. Running it again is harmless; a unit edited by hand is kept "
+                    "unless --force. Without systemd as PID 1 the unit is only written.")
+    sp.add_argument("--unit-dir", type=Path, default=Path("/etc/systemd/system"), metavar="DIR",
+                    help="where to write the unit (default: /etc/systemd/system)")
+    sp.add_argument("--no-enable", action="store_true",
+                    help="write the unit and reload systemd, but do not enable it")
+    sp.add_argument("--now", action="store_true", help="also start (or restart) the service")
+    sp.add_argument("--force", action="store_true",
+                    help="replace a unit that was changed by hand")
+    sp.set_defaults(func=cmd_service)
 
     p = sub.add_parser("check-config", parents=[common, listing],
                        help="validate the config file, password and keys")
