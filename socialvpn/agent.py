@@ -60,8 +60,9 @@ class Agent(XmppListener):
 
     async def start(self) -> None:
         await self.api.start()
+        # Groups, TUN devices and addresses come back from the state before XMPP is up.
+        await self.links.start()
         self.xmpp.start()
-        self.links.start()
         self.running = True
         log.info("agent up: device %s (%s), API at %s", self.device.id, self.cfg.device.name,
                  self.state.api_socket)
@@ -103,6 +104,7 @@ class Agent(XmppListener):
         self.counters.add("xmpp_sign_ins")
         self._prune_requests()
         self._catch_up()
+        self.links.reoffer()  # offers made while signed out went nowhere
 
     def auth_failed(self, reason: str, ever_connected: bool) -> None:
         self.counters.add("xmpp_auth_failures")
@@ -311,6 +313,7 @@ class Agent(XmppListener):
     def device_seen(self, full_jid: str, device: DeviceInfo) -> None:
         """A device came online: the owner brings it up to date."""
         bare = full_jid.split("/", 1)[0]
+        self.links.reoffer(device.id)  # what we sent while it was offline went nowhere
         for gid in list(self.book.groups):
             if self._owned(gid):
                 found = self.book.doc(gid).device(device.id)

@@ -71,10 +71,23 @@ class LinkHub:
         self._up: dict[str, asyncio.Event] = {}  # gid -> set once its links are up
         self._order: dict[tuple[str, str], asyncio.Lock] = {}
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        """Bring back every group's TUN device and addresses from the state (XMPP need not be
+        up), then keep the links in step with the documents."""
         if self.enabled:
+            try:
+                await self._sync()
+            except Exception:
+                log.exception("restoring the groups' devices failed")
             self._task = asyncio.get_running_loop().create_task(self._loop(), name="links")
             self.changed()
+
+    def reoffer(self, device_id: str | None = None) -> None:
+        """Signalling sent while the server (or the peer) was away went nowhere: offer again
+        now to every peer (or to ``device_id``) whose link is not up or coming up."""
+        for key, sig in list(self.signals.items()):
+            if device_id is None or key[1] == device_id:
+                self._run(key, sig.reoffer(time.monotonic()))
 
     def changed(self) -> None:
         self._wake.set()

@@ -386,6 +386,16 @@ class LinkSignaling:
         self._arm(now + self.offer_timeout, self._expired_offer)
         return [SendMessage(offer)]
 
+    def reoffer(self, now: float) -> list[Action]:
+        """Our messages may have gone nowhere (the XMPP server was unreachable, or the peer was
+        offline and just came back): in OFFERING or WAITING, offer a fresh session now with the
+        backoff starting over. A no-op in IDLE, CONNECTING, CONNECTED and CLOSED."""
+        if self._state not in (State.OFFERING, State.WAITING):
+            return []
+        self._backoff.reset()
+        self._state = State.WAITING
+        return self.start(now)
+
     def local_candidates(
         self, candidates: Iterable[str], end: bool, now: float, *, sid: str | None = None
     ) -> list[Action]:

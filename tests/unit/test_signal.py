@@ -1114,3 +1114,29 @@ def test_liveness_without_loss_is_fast() -> None:
         assert_linked(big, small, State.CONNECTED)
         worst = max(worst, linked_at)
     assert worst < 15.0, worst
+
+
+def test_reoffer_after_lost_signalling_offers_a_fresh_session_at_once() -> None:
+    """An offer sent while the server (or the peer) was away went nowhere: on sign-in (or when
+    the peer comes online) the machine offers again at once, backoff reset."""
+    a = machine(BIG, SMALL)
+    lost = only_msg(a.start(0.0))  # never delivered
+    again = only_msg(a.reoffer(1.0))
+    assert again.kind is Kind.OFFER and again.sid != lost.sid and a.state is State.OFFERING
+    assert a.next_deadline() == pytest.approx(11.0)
+    assert reason_of(a.receive, answer(lost.sid, 0), 1.5) == "stale"
+    # from WAITING after several failed attempts: at once, and the backoff starts over
+    for t in (11.0, 12.0, 22.0, 24.0, 34.0):
+        a.handle_timer(t)
+    assert a.state is State.WAITING and a.backoff_attempts >= 2
+    assert only_msg(a.reoffer(35.0)).kind is Kind.OFFER and a.backoff_attempts == 0
+    # a link that is up or coming up is left alone; so are IDLE and CLOSED machines
+    b, c = machine(BIG, SMALL, 3), machine(SMALL, BIG, 4)
+    handshake(b, c)
+    assert b.reoffer(1.0) == [] and c.reoffer(1.0) == [] and b.state is State.CONNECTING
+    b.ice_connected(2.0)
+    assert b.reoffer(3.0) == [] and b.state is State.CONNECTED
+    assert machine().reoffer(0.0) == []
+    d = machine(BIG, SMALL, 5)
+    d.close(0.0)
+    assert d.reoffer(1.0) == [] and d.state is State.CLOSED
