@@ -173,6 +173,7 @@ class Prosody:
         log_level: LogLevel = "debug",
         extra_config: str = "",
         start_timeout: float = START_TIMEOUT,
+        s2s_port: int | None = None,
     ) -> None:
         if isinstance(netns, str):
             if host is None:
@@ -187,6 +188,7 @@ class Prosody:
         self.log_level = log_level
         self.extra_config = extra_config
         self.start_timeout = start_timeout
+        self.s2s_port = s2s_port
         # before making any file, so a bad host leaves nothing behind
         self.port = port if port is not None else free_port("tcp", self.host, netns=self.netns)
         self._owns_workdir = workdir is None
@@ -252,17 +254,35 @@ class Prosody:
             f"c2s_interfaces = {{ {_lua_str(self.host)} }}",
             "c2s_direct_tls_ports = {}",
             "legacy_ssl_ports = {}",
-            "s2s_ports = {}",
             "http_ports = {}",
             "https_ports = {}",
             "component_ports = {}",
-            "s2s_require_encryption = false",
         ]
+        if self.s2s_port is None:
+            lines += ["s2s_ports = {}", "s2s_require_encryption = false"]
+        else:
+            if not self.tls:
+                raise ValueError("federation (s2s_port) needs tls=True")
+            modules.append("dialback")
+            lines += [
+                f"s2s_ports = {{ {self.s2s_port} }}",
+                f"s2s_interfaces = {{ {_lua_str(self.host)} }}",
+                "s2s_require_encryption = true",
+                # the peer's certificate must verify against the kit CA and name its domain
+                "s2s_secure_auth = true",
+                # lua-unbound reads /etc/hosts (per namespace: /etc/netns/<ns>/hosts); SRV
+                # records under .test are answered NXDOMAIN at once by unbound's default zones
+                "unbound = { hoststxt = true }",
+            ]
         if self.tls:
             assert self.cert is not None
             modules.insert(2, "tls")
+            ca_file = self.ca_file
+            federated = ca_file is not None and self.s2s_port is not None
+            cafile = f", cafile = {_lua_str(ca_file)}" if federated else ""
             ssl_block = (
-                f"{{ certificate = {_lua_str(self.cert.cert)}, key = {_lua_str(self.cert.key)} }}"
+                f"{{ certificate = {_lua_str(self.cert.cert)}, key = {_lua_str(self.cert.key)}"
+                f"{cafile} }}"
             )
             lines += [
                 "c2s_require_encryption = true",
