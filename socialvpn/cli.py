@@ -338,6 +338,17 @@ def cmd_peers(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    login = _api(args).post("dashboard/login", {})
+    if args.json:
+        _print_json(login)
+        return 0
+    print(login["url"])
+    print(f"Open this link in a browser on this computer; it works once, within "
+          f"{login['expires_in'] // 60} minutes.", file=sys.stderr)
+    return 0
+
+
 def cmd_ping(args: argparse.Namespace) -> int:
     import subprocess
 
@@ -471,6 +482,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("peer", metavar="PEER", help="device name, JID, device id or address")
     p.add_argument("-c", "--count", type=int, default=3, help="how many echo requests")
     p.set_defaults(func=cmd_ping)
+
+    p = sub.add_parser("dashboard", parents=[common, listing],
+                       help="print a login URL for the local dashboard",
+                       description="Print a one-time login URL for the dashboard the agent "
+                                   "serves on [web] listen (default 127.0.0.1:7387). The URL "
+                                   "works once, within two minutes, and logs the browser in.")
+    p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("requests", parents=[common, listing],
                        help="pending friend requests, join requests and invitations")
