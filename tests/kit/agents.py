@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tests.kit.ports import free_tcp_port
+
 T = TypeVar("T")
 
 CLI = [sys.executable, "-m", "socialvpn"]
@@ -51,6 +53,7 @@ class AgentProc:
         self.extra_config = extra_config
         self.netns = netns
         self.proc: subprocess.Popen[bytes] | None = None
+        self.web_port = 7387  # the dashboard's port (config [web] listen)
         if password is not None:
             self.password_file.write_text(password + "\n")
             os.chmod(self.password_file, 0o600)
@@ -79,9 +82,15 @@ class AgentProc:
         if self.allow_plaintext:
             args.append("--allow-plaintext")
         result = self.cli(*args)
-        if self.extra_config:
+        extra = self.extra_config
+        if self.netns is None and "[web]" not in extra:
+            # Agents in the root namespace share its loopback: each gets its own dashboard
+            # port (in a namespace every agent has its own 127.0.0.1:7387).
+            self.web_port = free_tcp_port()
+            extra += f'\n[web]\nlisten = "127.0.0.1:{self.web_port}"\n'
+        if extra:
             with self.config.open("a") as f:
-                f.write("\n" + self.extra_config + "\n")
+                f.write("\n" + extra + "\n")
         return result
 
     def cli(
