@@ -66,6 +66,7 @@ turn = [{url = "turn:turn.example.org:3478", username = "u", password = "p"},
         {url = "turns:turn.example.org"}]
 [link]
 mtu = 1400
+keepalive = 4.5
 """
 
 
@@ -98,12 +99,13 @@ def test_minimal_config_takes_defaults() -> None:
     assert cfg.xmpp.server is None and cfg.xmpp_endpoint is None
     assert cfg.xmpp.ca_file is None
     assert cfg.xmpp.allow_plaintext is False
-    assert (cfg.xmpp.reconnect_min, cfg.xmpp.reconnect_max) == (1.0, 60.0)
+    assert (cfg.xmpp.reconnect_min, cfg.xmpp.reconnect_max) == (1.0, 6.0)
     assert cfg.device.state_dir == DEFAULT_STATE_DIR == cfg.state_dir
     validate_device_name(cfg.device.name, "default")  # the host-derived default is valid
     assert cfg.web.listen == Endpoint("127.0.0.1", 7387)
     assert cfg.ice.stun == () and cfg.ice.turn == ()
     assert cfg.link.mtu == DEFAULT_MTU
+    assert cfg.link.keepalive == 20.0
 
 
 def test_full_config_values() -> None:
@@ -130,6 +132,7 @@ def test_full_config_values() -> None:
         TurnServer("turns:turn.example.org", "", ""),
     )
     assert cfg.link.mtu == 1400
+    assert cfg.link.keepalive == 4.5
 
 
 def test_config_is_frozen() -> None:
@@ -392,6 +395,10 @@ BAD_CONFIGS: list[tuple[str, str, str]] = [
     ("mtu-string", _sec("link", "mtu = '1400'"), "mtu"),
     ("mtu-float", _sec("link", "mtu = 1400.0"), "mtu"),
     ("mtu-bool", _sec("link", "mtu = true"), "mtu"),
+    ("keepalive-negative", _sec("link", "keepalive = -1"), "keepalive"),
+    ("keepalive-high", _sec("link", "keepalive = 3601"), "keepalive"),
+    ("keepalive-string", _sec("link", "keepalive = '20'"), "keepalive"),
+    ("keepalive-bool", _sec("link", "keepalive = true"), "keepalive"),
     ("link-array", HEAD.replace("version = 1\n", "version = 1\nlink = [1]\n"), "link"),
 ]
 
