@@ -201,6 +201,36 @@ class Device:
         with peer.lock:
             peer.endpoint = self.transport.sockaddr(host, port)
 
+    # --- hooks for link/manager.py (direct per-path sockets) -------------------------------
+
+    def set_endpoint_addr(self, public_key: bytes, addr: SockAddr) -> None:
+        """Point the peer at ``addr`` in the transport's own form (no ``sockaddr`` lookup)."""
+        peer = self._peers[public_key]
+        with peer.lock:
+            peer.endpoint = addr
+
+    def endpoint_of(self, public_key: bytes) -> SockAddr | None:
+        peer = self._peers.get(public_key)
+        return None if peer is None else peer.endpoint
+
+    def set_persistent_keepalive(self, public_key: bytes, seconds: float) -> None:
+        """Change the peer's persistent keepalive (0 = off); armed by the next packet."""
+        peer = self._peers[public_key]
+        with peer.lock:
+            peer.timers.persistent_keepalive = max(0.0, seconds)
+
+    def serve(self, io: DatagramIO, name: str = "udp-path") -> None:
+        """Receive from one more DatagramIO in a thread of its own, exactly like the main
+        transport (GRO batches, roaming). The thread ends when ``io`` raises OSError or the
+        device stops; ``io`` should return 0 bytes now and then so a stop is noticed. Replies
+        still go out through ``self.transport``, which must route the addresses ``io`` reports."""
+        if not self._running:
+            return
+        t = threading.Thread(target=self._udp_loop, args=(io,), name=f"link-{name}",
+                             daemon=True)
+        self._threads = [x for x in self._threads if x.is_alive()] + [t]
+        t.start()
+
     # --- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -345,10 +375,11 @@ class Device:
 
     # --- receiving -------------------------------------------------------------------------
 
-    def _udp_loop(self) -> None:
+    def _udp_loop(self, io: DatagramIO | None = None) -> None:
         buf = bytearray(RECEIVE_BUFFER)
         view = memoryview(buf)
-        recv = self.transport.recv_segments
+        main = io is None
+        recv = (self.transport if io is None else io).recv_segments
         dispatch = self._dispatch
         write_batch = getattr(self.tun, "write_batch", None) or (
             lambda packets: [self.tun.write(p) for p in packets])
@@ -356,7 +387,7 @@ class Device:
             try:
                 n, segment, addr = recv(buf)
             except OSError:
-                if self._running:
+                if self._running and main:
                     log.exception("UDP receive failed; the link device stops receiving")
                 break
             if n == 0:

@@ -83,6 +83,18 @@ class UdpTransport:
             except OSError:
                 sock.close()
                 raise
+        self._adopt(sock, buffer_size)
+
+    @classmethod
+    def from_socket(cls, sock: socket.socket, buffer_size: int = SOCKET_BUFFER) -> UdpTransport:
+        """Wrap a socket bound elsewhere (e.g. the one ICE selected, dup'ed by link/ice.py)."""
+        self = cls.__new__(cls)
+        self.errors = {}
+        self._closed = False
+        self._adopt(sock, buffer_size)
+        return self
+
+    def _adopt(self, sock: socket.socket, buffer_size: int) -> None:
         self.sock = sock
         self.family = sock.family
         _set_buffer(sock, getattr(socket, "SO_RCVBUFFORCE", 33), socket.SO_RCVBUF, buffer_size)
