@@ -1,0 +1,183 @@
+"""Issue 6 acceptance 2 and 3: links keep forwarding through an XMPP server outage, and an
+agent killed with SIGKILL comes back (same state dir) with its links, leaving nothing of the old
+run behind. Real parts: Prosody and coturn on "pub", alice and bob in their own namespaces (bob
+behind an endpoint-independent NAT), the group formed through the real CLI."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.kit.agents import AgentProc, befriend, wait_for
+from tests.kit.internet import Internet
+from tests.kit.netns import NetLab
+
+pytestmark = pytest.mark.integration
+
+SUBNET = "10.78.0.0/24"
+ALICE_IP, BOB_IP = "10.78.0.1", "10.78.0.2"
+
+
+class Pair:
+    def __init__(self, net: Internet, alice: AgentProc, bob: AgentProc) -> None:
+        self.net, self.alice, self.bob = net, alice, bob
+
+
+def _peer(agent: AgentProc, device: str) -> dict[str, Any] | None:
+    return next((p for p in agent.json("peers") if p["device"] == device), None)
+
+
+def _up(agent: AgentProc, device: str) -> dict[str, Any] | None:
+    p = _peer(agent, device)
+    return p if p and p.get("state") == "up" else None
+
+
+def _ns_run(agent: AgentProc, *cmd: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    assert agent.netns
+    return subprocess.run(["ip", "netns", "exec", agent.netns, *cmd], capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False)
+
+
+def _pings(agent: AgentProc, ip: str) -> bool:
+    return _ns_run(agent, "ping", "-c", "1", "-W", "1", ip, timeout=5).returncode == 0
+
+
+@pytest.fixture
+def pair(netns_factory: NetLab, test_ca, tmp_path: Path) -> Iterator[Pair]:
+    with Internet(netns_factory, tmp_path, test_ca) as net:
+        alice = net.agent("alice", net.site("alice"))
+        bob = net.agent("bob", net.site("bob", "eim"))
+        for agent in (alice, bob):
+            agent.wait_connected(timeout=20)
+        befriend(alice, bob)
+        alice.json("group", "create", "lab", "--subnet", SUBNET)
+        bob.json("group", "join", alice.jid, "lab")
+        wait_for(lambda: alice.json("requests")["joins"], 10, "bob's join request")
+        alice.json("accept", bob.jid, "--group", "lab")
+        for a, b in ((alice, "bob"), (bob, "alice")):
+            wait_for(lambda a=a, b=b: _up(a, b), 45, f"{a.user} -> {b} link up",
+                     lambda a=a: a.log_tail(40))
+        wait_for(lambda: _pings(alice, BOB_IP), 10, "a first ping")
+        yield Pair(net, alice, bob)
+
+
+def _friends_ok(a: AgentProc, b: AgentProc) -> bool:
+    f = next((f for f in a.json("friends") if f["jid"] == b.jid), None)
+    return bool(f and f["subscription"] == "both" and f["online"] and f["devices"])
+
+
+def test_links_keep_forwarding_through_a_server_outage(pair: Pair) -> None:
+    """Acceptance 2: Prosody stopped for 30 s during a 10-per-second ping: no ping lost; once it
+    is back both agents sign in again within 10 s, presence and friendship as before."""
+    alice, bob, server = pair.alice, pair.bob, pair.net.server
+    before = {a.user: _up(a, b)["endpoint"] for a, b in ((alice, "bob"), (bob, "alice"))}
+    assert alice.netns
+    # 45 s of pings: the outage (30 s) and the return (sign-in, catch-up) fall inside it.
+    ping = subprocess.Popen(["ip", "netns", "exec", alice.netns, "ping", "-i", "0.1", "-c",
+                             "450", "-W", "2", BOB_IP], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+    try:
+        time.sleep(1.0)
+        server.stop()
+        down_at = time.monotonic()
+        for agent in (alice, bob):
+            wait_for(lambda a=agent: a.xmpp_state() != "connected", 10,
+                     f"{agent.user} to notice the outage", agent.log_tail)
+        # Links stay up while the server is away.
+        assert _up(alice, "bob") and _up(bob, "alice")
+        time.sleep(max(0.0, 30.0 - (time.monotonic() - down_at)))
+        server.start()
+        back_at = time.monotonic()
+        signed_in = {}
+        for agent in (alice, bob):
+            agent.wait_connected(timeout=max(0.5, 10.0 - (time.monotonic() - back_at)))
+            signed_in[agent.user] = time.monotonic() - back_at
+        print(f"signed in again after the server returned: {signed_in}")
+        assert max(signed_in.values()) < 10.0
+        # Presence re-announced (each sees the other's device online), friendship intact.
+        wait_for(lambda: _friends_ok(alice, bob) and _friends_ok(bob, alice), 10,
+                 "presence and friendship after the outage")
+        out, _ = ping.communicate(timeout=60)
+    finally:
+        if ping.poll() is None:
+            ping.kill()
+            ping.wait(5)
+    summary = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+    assert summary, out
+    sent, received = int(summary[1]), int(summary[2])
+    print(f"ping through the outage: {received}/{sent}")
+    assert sent == 450 and received == sent, out[-2000:]
+    # The same links, not new ones: no flap.
+    after = {a.user: _up(a, b)["endpoint"] for a, b in ((alice, "bob"), (bob, "alice"))}
+    assert after == before
+    for agent in (alice, bob):
+        assert "Traceback" not in agent.log_text()
+
+
+def _svpn_links(agent: AgentProc) -> list[str]:
+    out = _ns_run(agent, "ip", "-d", "-o", "link", "show").stdout
+    return [m[1] for m in re.finditer(r"^\d+: (svpn-[^:@ ]+)", out, re.M)]
+
+
+def _routes(agent: AgentProc, family: str) -> list[str]:
+    out = _ns_run(agent, "ip", family, "route", "show", "table", "all").stdout
+    # A new TUN device gets a new random link-local address: compare without it.
+    return [re.sub(r"^local fe80::\S+", "local fe80::*", line.strip())
+            for line in out.splitlines() if "svpn-" in line]
+
+
+def _addresses(agent: AgentProc, ifname: str) -> list[str]:
+    out = _ns_run(agent, "ip", "-o", "addr", "show", "dev", ifname).stdout
+    return re.findall(r"inet6? (\S+)", out)
+
+
+def test_sigkill_and_restart_brings_the_links_back_clean(pair: Pair) -> None:
+    """Acceptance 3: after SIGKILL and a restart on the same state dir, ping resumes within
+    5 s of the restart; one interface, no duplicate routes, one fresh session at the peer.
+    Then, restarted while Prosody is down, the TUN device and its addresses are back."""
+    alice, bob = pair.alice, pair.bob
+    links_before = _svpn_links(alice)
+    routes_before = (_routes(alice, "-4"), _routes(alice, "-6"))
+    addrs_before = _addresses(alice, "svpn-lab")
+    assert links_before == ["svpn-lab"] and ALICE_IP + "/24" in addrs_before
+    old_handshake = _up(bob, "alice")["last_handshake"]
+
+    alice.stop(signal.SIGKILL)
+    killed_at = time.time()
+    time.sleep(1.0)  # the peer's old session is still current: it must give way promptly
+    restart = time.monotonic()
+    alice.start()
+    resumed = wait_for(lambda: _pings(alice, BOB_IP) and time.monotonic(), 20,
+                       "the ping to resume after the restart", lambda: alice.log_tail(40))
+    took = resumed - restart
+    print(f"ping resumed {took:.2f} s after the restart")
+    assert took < 5.0
+
+    assert _svpn_links(alice) == links_before
+    assert (_routes(alice, "-4"), _routes(alice, "-6")) == routes_before
+    for family in ("-4", "-6"):
+        routes = _routes(alice, family)
+        assert len(routes) == len(set(routes)), routes
+    assert sorted(_addresses(alice, "svpn-lab")) == sorted(addrs_before)
+    entries = [p for p in bob.json("peers") if p["device"] == "alice"]
+    assert len(entries) == 1 and entries[0]["state"] == "up"
+    assert entries[0]["last_handshake"] > max(old_handshake, killed_at)
+    assert _pings(bob, ALICE_IP)
+
+    # Restart with the server down: the group's device and addresses come from the state.
+    pair.net.server.stop()
+    alice.stop(signal.SIGKILL)
+    alice.start()
+    wait_for(lambda: _svpn_links(alice) == ["svpn-lab"]
+             and sorted(_addresses(alice, "svpn-lab")) == sorted(addrs_before), 10,
+             "svpn-lab with its addresses while the server is down", alice.log_tail)
+    st = alice.status()
+    assert st is not None and st["xmpp"]["state"] != "connected"
+    assert [g["ip4"] for g in st["groups"]] == [ALICE_IP]
