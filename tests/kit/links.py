@@ -105,6 +105,10 @@ class OurLink:
             return (self.workdir / f"link-{self.ns.short}.log").read_text()[-3000:]
         return ""
 
+    def pids(self) -> list[int]:
+        """The link runner's process (all the packet path's threads are in it)."""
+        return [self.proc.pid] if self.proc is not None and self.proc.poll() is None else []
+
     def stats(self, timeout: float = 5.0) -> dict[str, Any]:
         assert self.proc is not None and self.proc.poll() is None, "link not running"
         path = Path(str(self.spec_path) + ".stats.json")
@@ -179,6 +183,9 @@ class WgGoLink:
         self.ns.run(args)
         self.ns.ip("addr", "add", self.address, "dev", self.ifname)
         self.ns.ip("link", "set", self.ifname, "mtu", str(self.mtu), "up")
+
+    def pids(self) -> list[int]:
+        return [self.proc.pid] if self.proc is not None and self.proc.poll() is None else []
 
     def latest_handshakes(self) -> dict[str, int]:
         out = self.ns.run(["wg", "show", self.ifname, "latest-handshakes"]).stdout
@@ -288,3 +295,88 @@ def udp_summary(data: dict[str, Any]) -> dict[str, float]:
     s = data["end"]["sum"]
     return {"mbps": float(s["bits_per_second"]) / 1e6, "lost": float(s.get("lost_packets", 0)),
             "packets": float(s.get("packets", 0)), "lost_percent": float(s.get("lost_percent", 0))}
+
+
+# --- the underlay: counters, offload features, loss ------------------------------------------
+
+_FEATURES_SCRIPT = """
+import json, sys
+from pyroute2.ethtool import Ethtool
+ifname, wanted = sys.argv[1], json.loads(sys.argv[2])
+tool = Ethtool()
+features = tool.get_features(ifname)
+for name, on in wanted.items():
+    features.features[name].enable = on
+tool.set_features(ifname, features)
+now = tool.get_features(ifname).features
+print(json.dumps({name: now[name].enable for name in wanted}))
+"""
+
+
+def set_link_features(ns: Netns, ifname: str, features: dict[str, bool]) -> dict[str, bool]:
+    """``ethtool -K IFNAME name on|off ...`` inside ``ns`` (pyroute2's ethtool ioctls: no
+    ethtool binary needed); returns the features as the kernel reports them afterwards."""
+    out = ns.run([sys.executable, "-c", _FEATURES_SCRIPT, ifname, json.dumps(features)]).stdout
+    result: dict[str, bool] = json.loads(out)
+    return result
+
+
+NIC_LIKE_FEATURES = {
+    # The kernel segments every GSO super-packet in software before the veth (as it does for
+    # a NIC without these offloads, and as a NIC with them does in hardware): only MTU-sized
+    # frames cross. UDP GSO is the one that matters for a VPN's underlay.
+    "tx-udp-segmentation": False,
+    "tx-tcp-segmentation": False,
+    "tx-tcp6-segmentation": False,
+    "tx-tcp-ecn-segmentation": False,
+    "tx-tcp-mangleid-segmentation": False,
+    # The receiving side runs GRO in NAPI like a NIC driver (veth: off by default).
+    "rx-gro": True,
+}
+
+
+def link_counters(ns: Netns, ifname: str) -> dict[str, int]:
+    """tx/rx packets and bytes of ``ifname`` in ``ns`` (``ip -s link``)."""
+    data = json.loads(ns.ip("-s", "-j", "link", "show", "dev", ifname).stdout)[0]["stats64"]
+    return {"tx_packets": int(data["tx"]["packets"]), "tx_bytes": int(data["tx"]["bytes"]),
+            "rx_packets": int(data["rx"]["packets"]), "rx_bytes": int(data["rx"]["bytes"])}
+
+
+LOSS_TABLE = "svpn_loss"
+
+
+def add_udp_loss(ns: Netns, ifname: str, per_mille: int) -> None:
+    """Drop ``per_mille``/1000 of the UDP datagrams crossing ``ifname`` of ``ns``, both ways
+    (nftables ``numgen random``; this kernel has no netem). Counters: ``udp_seen``,
+    ``udp_dropped`` (see :func:`udp_loss_counters`)."""
+    rule = (f'meta l4proto udp counter name "udp_seen" '
+            f'numgen random mod 1000 < {per_mille} counter name "udp_dropped" drop')
+    ns.nft(f"""
+table inet {LOSS_TABLE} {{
+    counter udp_seen {{ }}
+    counter udp_dropped {{ }}
+    chain pre {{
+        type filter hook prerouting priority raw; policy accept;
+        iifname "{ifname}" {rule}
+    }}
+    chain out {{
+        type filter hook output priority raw; policy accept;
+        oifname "{ifname}" {rule}
+    }}
+}}
+""")
+
+
+def udp_loss_counters(ns: Netns) -> dict[str, int]:
+    return {name: ns.nft_counter(name, table=LOSS_TABLE) for name in ("udp_seen", "udp_dropped")}
+
+
+def proc_cpu_seconds(pids: list[int]) -> float:
+    """user + system CPU seconds of ``pids`` (all their threads) so far, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total / tick
