@@ -61,4 +61,4 @@ clean:
 # Measurements (ratios against peers where there are peers; see bench/).
 bench: deps
 	$(PY) -m bench.signin --runs 5 --out bench/results/signin.md
-	$(PY) -m bench.throughput --rounds 3 --out bench/results/throughput.md
+	$(PY) -m bench.throughput --rounds 3 --seconds 4 --out bench/results/throughput.md --json bench/results/throughput.json
