@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from socialvpn.web.client import APIClient
 from tests.kit.agents import befriend, wait_for
 from tests.kit.ca import unknown_ca_server_cert
 
@@ -132,6 +133,9 @@ def test_sd_notify_ready_and_stopping(prosody_tls, agent_factory, unique_user, t
         agent = agent_factory(prosody_tls, unique_user("kim"), start=False)
         agent.start(env={"NOTIFY_SOCKET": str(sock_path)})
         assert b"READY=1" in sock.recv(4096)
+        # READY means the local API answers: asked at once, with no retry.
+        status = APIClient(agent.state_dir / "api.sock", timeout=5).get("status")
+        assert status["agent"]["state"] == "running"
         agent.wait_connected()
         assert agent.stop() == 0
         assert b"STOPPING=1" in sock.recv(4096)
