@@ -6,6 +6,7 @@ behind an endpoint-independent NAT), the group formed through the real CLI."""
 from __future__ import annotations
 
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -49,10 +50,24 @@ def _pings(agent: AgentProc, ip: str) -> bool:
     return _ns_run(agent, "ping", "-c", "1", "-W", "1", ip, timeout=5).returncode == 0
 
 
+# What the systemd unit grants (CapabilityBoundingSet/AmbientCapabilities=CAP_NET_ADMIN,
+# NoNewPrivileges): alice's agent runs with nothing more, so these tests also show it suffices.
+UNIT_CAPS = ["setpriv", "--bounding-set=-all,+net_admin", "--inh-caps=-all,+net_admin",
+             "--ambient-caps=-all,+net_admin", "--no-new-privs"]
+
+
+def _confined(agent: AgentProc) -> AgentProc:
+    assert agent.netns and shutil.which("setpriv")
+    netns = agent.netns
+    agent._prefix = lambda: ["ip", "netns", "exec", netns, *UNIT_CAPS]  # type: ignore[method-assign]
+    return agent
+
+
 @pytest.fixture
 def pair(netns_factory: NetLab, test_ca, tmp_path: Path) -> Iterator[Pair]:
     with Internet(netns_factory, tmp_path, test_ca) as net:
-        alice = net.agent("alice", net.site("alice"))
+        alice = _confined(net.agent("alice", net.site("alice"), start=False))
+        alice.start()
         bob = net.agent("bob", net.site("bob", "eim"))
         for agent in (alice, bob):
             agent.wait_connected(timeout=20)
@@ -65,6 +80,8 @@ def pair(netns_factory: NetLab, test_ca, tmp_path: Path) -> Iterator[Pair]:
             wait_for(lambda a=a, b=b: _up(a, b), 45, f"{a.user} -> {b} link up",
                      lambda a=a: a.log_tail(40))
         wait_for(lambda: _pings(alice, BOB_IP), 10, "a first ping")
+        caps = _ns_run(alice, "grep", "^Cap", f"/proc/{alice.proc.pid}/status").stdout
+        assert "CapBnd:\t0000000000001000" in caps, caps  # CAP_NET_ADMIN (bit 12) only
         yield Pair(net, alice, bob)
 
 
