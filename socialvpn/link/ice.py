@@ -49,9 +49,11 @@ import contextlib
 import errno
 import ipaddress
 import logging
+import os
 import queue
 import random
 import re
+import socket
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -454,6 +456,7 @@ class IceSession:
         self._close_task: asyncio.Future[None] | None = None
         self._rx: asyncio.Queue[bytes | None] = asyncio.Queue(RECV_QUEUE)
         self._transport: IceTransport | None = None
+        self._taken = False
 
     # -- introspection --
 
@@ -867,6 +870,51 @@ class IceSession:
                     transport.deliver(item)
             self._transport = transport
         return self._transport
+
+    def take_socket(self) -> tuple[socket.socket, Callable[[bytes, tuple[str, int]], None]] | None:
+        """Hand the selected pair's UDP socket to the link device's threads (call on the loop,
+        after ``connect()``): returns a duplicate of the socket aioice bound, and a function
+        (callable from any thread) that gives a STUN datagram received on it back to aioice.
+        From now on asyncio no longer reads that socket: whoever reads the duplicate must hand
+        every STUN datagram over (consent checks and their answers keep working) and keeps the
+        rest. aioice still sends on the socket. ``None`` when our side of the pair is relayed
+        (TURN): that path stays on :meth:`transport`.
+
+        The duplicate outlives the session: closing the session releases only aioice's copy."""
+        if not self.connected or self._transport is not None:
+            return None
+        pair = self._conn._nominated.get(1)
+        if pair is None or pair.local_candidate.type == "relay":
+            return None
+        protocol = pair.protocol
+        transport = getattr(protocol, "transport", None)
+        get_extra_info = getattr(transport, "get_extra_info", None)
+        sock = get_extra_info("socket") if get_extra_info is not None else None
+        if sock is None or sock.type != socket.SOCK_DGRAM:
+            return None  # a TURN client's transport, not a plain socket
+        pause = getattr(transport, "pause_reading", None)
+        if pause is None:
+            return None
+        dup = socket.socket(sock.family, sock.type, sock.proto, fileno=os.dup(sock.fileno()))
+        pause()
+        loop = asyncio.get_running_loop()
+        self._taken = True
+
+        def deliver(data: bytes, addr: tuple[str, int]) -> None:
+            if self._closing:
+                return
+            with contextlib.suppress(RuntimeError):  # the loop is closed
+                loop.call_soon_threadsafe(self._stun_received, protocol, data, addr)
+
+        return dup, deliver
+
+    def _stun_received(self, protocol: Any, data: bytes, addr: tuple[str, int]) -> None:
+        if self._closing:
+            return
+        try:
+            protocol.datagram_received(data, addr)
+        except Exception:  # aioice must never take down the loop for one datagram
+            log.debug("STUN datagram from %s dropped", addr, exc_info=True)
 
     # -- teardown --
 

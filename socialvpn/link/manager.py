@@ -40,7 +40,10 @@ import contextlib
 import errno
 import logging
 import queue
+import socket
+import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -48,7 +51,7 @@ from typing import Any
 from .constants import DEFAULT_TIMERS, LinkTimers
 from .device import Device, PacketIO, Peer, PeerConfig, RouteTable
 from .ice import CONSENT_FAILURES, CONSENT_INTERVAL, IceFailed, IceResult, IceServers, IceSession
-from .transport import DatagramIO, SockAddr
+from .transport import DatagramIO, SockAddr, UdpTransport, display
 
 log = logging.getLogger("socialvpn.link.manager")
 
@@ -58,6 +61,10 @@ STOP_TIMEOUT = 8.0  # stop(): ICE closes (3 s each, concurrently) and the Device
 ICE_STOP_TIMEOUT = 4.0  # one session's close (IceSession bounds it at 3 s)
 TOKEN_NETWORK = 240 << 24  # 240.0.0.0/4, reserved: never a real peer address
 _WAKE_ADDR: SockAddr = ("0.0.0.0", 0)
+STUN_COOKIE = b"\x21\x12\xa4\x42"  # RFC 5389 magic cookie, bytes 4..8 of every STUN message
+DIRECT_RECV_TIMEOUT = 0.5  # a direct socket's reader looks at its stop flag this often
+DIRECT_GRACE = 5.0  # a replaced direct socket keeps receiving this long (packets in flight)
+CACHE_FRESH = 180.0  # an endpoint is worth caching while its last handshake is this recent
 
 
 @dataclass(frozen=True)
@@ -286,6 +293,216 @@ class MuxTransport:
         }
 
 
+# --- direct paths: real sockets on the packet path ---------------------------------------------
+
+
+class DirectSocket:
+    """A real UDP socket the Device's threads use directly (UDP GSO/GRO, blocking calls, no
+    asyncio): the socket ICE selected (taken over from aioice) or one of our own.
+
+    Addresses it reports are ``(host, port, id)``: the ``id`` names this socket, so
+    :class:`LinkIO` sends a reply out of the socket the peer was heard on and the Device's
+    roaming (an authenticated packet from a new address moves the endpoint) works across
+    sockets too. STUN datagrams (first byte 0/1, magic cookie at offset 4) never reach the
+    Device: they go to ``on_stun`` (aioice's consent checks) or are dropped.
+    """
+
+    def __init__(self, sock: socket.socket, sid: int, *, owner: str = "",
+                 on_stun: Callable[[bytes, tuple[str, int]], None] | None = None) -> None:
+        sock.setblocking(True)  # a dup of an asyncio socket shares its O_NONBLOCK flag
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                        struct.pack("ll", int(DIRECT_RECV_TIMEOUT),
+                                    int(DIRECT_RECV_TIMEOUT % 1 * 1_000_000)))
+        self.udp = UdpTransport.from_socket(sock)
+        self.id = sid
+        self.owner = owner
+        self.on_stun = on_stun
+        name = sock.getsockname()
+        self.local: tuple[str, int] = (str(name[0]), int(name[1]))
+        self.closed = False
+        self.rx = 0
+        self.stun_rx = 0
+        self._wake: SockAddr = ("0.0.0.0", 0, sid)
+
+    @property
+    def gso(self) -> bool:
+        return self.udp.gso
+
+    @property
+    def gro(self) -> bool:
+        return self.udp.gro
+
+    @property
+    def errors(self) -> dict[str, int]:
+        return self.udp.errors
+
+    def addr(self, host: str, port: int) -> SockAddr:
+        return (host, port, self.id)
+
+    def sendto(self, data: bytes | bytearray | memoryview, addr: SockAddr) -> None:
+        self.udp.sendto(data, (addr[0], addr[1]))
+
+    def send_batch(self, messages: list[bytearray], addr: SockAddr) -> None:
+        self.udp.send_batch(messages, (addr[0], addr[1]))
+
+    def recv_segments(self, buf: bytearray) -> tuple[int, int, SockAddr]:
+        recv = self.udp.recv_segments
+        while True:
+            try:
+                n, segment, addr = recv(buf)
+            except BlockingIOError:  # SO_RCVTIMEO: give the reader a look at its flags
+                if self.closed:
+                    raise OSError(errno.EBADF, "direct socket closed") from None
+                return 0, 0, self._wake
+            except OSError:
+                if self.closed:
+                    raise OSError(errno.EBADF, "direct socket closed") from None
+                raise
+            if self.closed:
+                raise OSError(errno.EBADF, "direct socket closed")
+            if n >= 20 and segment >= n and buf[0] < 2 and buf[4:8] == STUN_COOKIE:
+                self.stun_rx += 1
+                if self.on_stun is not None:
+                    self.on_stun(bytes(buf[:n]), (addr[0], addr[1]))
+                continue
+            self.rx += 1
+            return n, segment, (addr[0], addr[1], self.id)
+
+    def recv_into(self, buf: bytearray) -> tuple[int, SockAddr]:
+        n, _segment, addr = self.recv_segments(buf)
+        return n, addr
+
+    def sockaddr(self, host: str, port: int) -> SockAddr:
+        return (host, port, self.id)
+
+    def wake(self) -> None:
+        pass  # the reader wakes by itself every DIRECT_RECV_TIMEOUT
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.on_stun = None
+            self.udp.close()
+
+    def stats(self) -> dict[str, Any]:
+        return {"local": f"{self.local[0]}:{self.local[1]}", "owner": self.owner, "rx": self.rx,
+                "stun_rx": self.stun_rx, "gso": self.gso, "gro": self.gro,
+                "errors": dict(self.errors)}
+
+
+def bind_direct(port: int = 0) -> socket.socket:
+    """Our own IPv4 socket on every address (``port``, or any if that one is taken): it keeps
+    working when the host's addresses change, so it serves cached and roamed endpoints."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError:
+            if not port:
+                raise
+            sock.bind(("0.0.0.0", 0))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class LinkIO:
+    """The Device's transport: direct sockets for ``(host, port, id)`` addresses, the
+    :class:`MuxTransport` (relayed ICE paths) for address tokens. The Device's main UDP thread
+    reads the mux; every direct socket has its own reader (``Device.serve``)."""
+
+    def __init__(self, mux: MuxTransport) -> None:
+        self.mux = mux
+        self._sockets: dict[int, DirectSocket] = {}
+        self._next = 1
+        self._lock = threading.Lock()
+        self._errors: dict[str, int] = {}
+
+    @property
+    def gso(self) -> bool:
+        return any(s.gso for s in self._sockets.values())
+
+    @property
+    def gro(self) -> bool:
+        return any(s.gro for s in self._sockets.values())
+
+    @property
+    def errors(self) -> dict[str, int]:
+        out = dict(self.mux.errors)
+        for key, value in self._errors.items():
+            out[key] = out.get(key, 0) + value
+        for sock in list(self._sockets.values()):
+            for key, value in sock.errors.items():
+                out[key] = out.get(key, 0) + value
+        return out
+
+    def open(self, sock: socket.socket, *, owner: str = "",
+             on_stun: Callable[[bytes, tuple[str, int]], None] | None = None) -> DirectSocket:
+        with self._lock:
+            sid = self._next
+            self._next += 1
+        direct = DirectSocket(sock, sid, owner=owner, on_stun=on_stun)
+        sockets = dict(self._sockets)
+        sockets[sid] = direct
+        self._sockets = sockets
+        return direct
+
+    def discard(self, direct: DirectSocket) -> None:
+        sockets = dict(self._sockets)
+        sockets.pop(direct.id, None)
+        self._sockets = sockets
+        direct.close()
+
+    def sockets(self) -> list[DirectSocket]:
+        return list(self._sockets.values())
+
+    def sendto(self, data: bytes | bytearray | memoryview, addr: SockAddr) -> None:
+        if len(addr) == 3:
+            direct = self._sockets.get(addr[2])
+            if direct is None:
+                self._errors["no-socket"] = self._errors.get("no-socket", 0) + 1
+                return
+            direct.sendto(data, addr)
+            return
+        self.mux.sendto(data, addr)
+
+    def send_batch(self, messages: list[bytearray], addr: SockAddr) -> None:
+        if len(addr) == 3:
+            direct = self._sockets.get(addr[2])
+            if direct is None:
+                self._errors["no-socket"] = self._errors.get("no-socket", 0) + len(messages)
+                return
+            direct.send_batch(messages, addr)
+            return
+        self.mux.send_batch(messages, addr)
+
+    def recv_into(self, buf: bytearray) -> tuple[int, SockAddr]:
+        return self.mux.recv_into(buf)
+
+    def recv_segments(self, buf: bytearray) -> tuple[int, int, SockAddr]:
+        return self.mux.recv_segments(buf)
+
+    def sockaddr(self, host: str, port: int) -> SockAddr:
+        return self.mux.sockaddr(host, port)
+
+    def wake(self) -> None:
+        self.mux.wake()
+
+    def close(self) -> None:
+        self.mux.close()
+        for direct in list(self._sockets.values()):
+            self.discard(direct)
+
+
+def crosses_nat(result: IceResult | None) -> bool:
+    """Whether a selected pair goes through a NAT (or a relay) as far as ICE can tell; unknown
+    paths (``None``) count as crossing one."""
+    if result is None:
+        return True
+    return result.local_candidate_type != "host" or result.remote_candidate_type != "host"
+
+
 # --- the group's links -----------------------------------------------------------------------
 
 
@@ -302,6 +519,8 @@ class _Link:
         self.result: IceResult | None = None
         self.reason = ""
         self.controlling = False
+        self.direct: DirectSocket | None = None  # the direct socket the Device sends on
+        self.transport: str | None = None  # direct-socket | cached | roamed | ice-relay
 
 
 class GroupLinks:
@@ -323,8 +542,12 @@ class GroupLinks:
         stun_retry_max: int | None = None,
         consent_interval: float = CONSENT_INTERVAL,
         consent_failures: int = CONSENT_FAILURES,
+        keepalive: float = 0.0,
+        direct_sockets: bool = True,
     ) -> None:
         self.servers = servers
+        self.keepalive = keepalive
+        self.direct_sockets = direct_sockets  # False: every path through aioice (as before)
         self.consent_interval = consent_interval
         self.consent_failures = consent_failures
         self.on_event = on_event
@@ -332,7 +555,9 @@ class GroupLinks:
         self.connect_timeout = connect_timeout
         self.stun_retry_max = stun_retry_max
         self.mux = MuxTransport()
-        self.device = Device(private_key, tun, self.mux, routes, timers=timers, mtu=mtu)
+        self.io = LinkIO(self.mux)
+        self.device = Device(private_key, tun, self.io, routes, timers=timers, mtu=mtu)
+        self._own: dict[int, DirectSocket] = {}  # our wildcard sockets by port
         self.routes = routes
         self._links: dict[str, _Link] = {}
         self._started = False
@@ -371,7 +596,7 @@ class GroupLinks:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(STOP_TIMEOUT):
                     await asyncio.gather(*closing, return_exceptions=True)
-        self.mux.close()
+        self.io.close()
 
     def set_excluded_networks(self, networks: tuple[str, ...]) -> None:
         """Overlay networks ICE must never gather on (every group's, not just this one's);
@@ -411,6 +636,7 @@ class GroupLinks:
         await self._close_session(link)
         self.device.remove_peer(link.public_key)
         self.mux.forget(peer_id)
+        self._release(link.direct)
 
     def peers(self) -> list[str]:
         return list(self._links)
@@ -470,8 +696,13 @@ class GroupLinks:
             if link.session is not session:
                 await session.close()
                 return
-            transport = session.transport()
-            self.attach_path(link.peer_id, transport, result, initiate=link.controlling)
+            taken = session.take_socket() if self.direct_sockets else None
+            if taken is not None:
+                self.attach_direct(link.peer_id, taken[0], result, on_stun=taken[1],
+                                   initiate=link.controlling)
+            else:
+                transport = session.transport()
+                self.attach_path(link.peer_id, transport, result, initiate=link.controlling)
         except IceFailed as exc:
             if link.session is session:
                 self._failed(link, exc.reason)
@@ -488,6 +719,9 @@ class GroupLinks:
         link = self._links[peer_id]
         self.mux.attach(peer_id, transport)
         self.device.set_endpoint(link.public_key, peer_id, 0)
+        self.device.set_persistent_keepalive(link.public_key, self.keepalive)
+        old, link.direct, link.transport = link.direct, None, "ice-relay"
+        self._release(old, later=True)
         link.state = "up"
         link.result = result
         link.reason = ""
@@ -495,6 +729,106 @@ class GroupLinks:
         if initiate:
             self._kick(link)
         self._emit(LinkEvent(peer_id, "connected", result=result))
+
+    # -- direct sockets --
+
+    def attach_direct(self, peer_id: str, sock: socket.socket, result: IceResult, *,
+                      on_stun: Callable[[bytes, tuple[str, int]], None] | None = None,
+                      initiate: bool = True) -> None:
+        """ICE selected a pair whose local side is a plain socket (``sock``, a duplicate the
+        Device's threads now read with the fast path): point the peer there and report
+        ``connected``. The socket the peer used before keeps receiving a little while."""
+        link = self._links[peer_id]
+        if self._stopped:
+            sock.close()
+            return
+        direct = self.io.open(sock, owner=peer_id, on_stun=on_stun)
+        self.device.serve(direct, f"udp-{peer_id[:8]}")
+        self.mux.detach(peer_id)
+        self._use_direct(link, direct, result.remote_addr, "direct-socket", crosses_nat(result))
+        link.state = "up"
+        link.result = result
+        link.reason = ""
+        link.controlling = initiate
+        if initiate:
+            self._kick(link)
+        self._emit(LinkEvent(peer_id, "connected", result=result))
+
+    def restore(self, peer_id: str, endpoint: tuple[str, int], local_port: int = 0) -> bool:
+        """Bring a link back without signalling (DESIGN.md §4.5): send from our own socket
+        (``local_port``, the port the peer knew us by, when it is free) to the peer's last
+        working ``endpoint`` and start a WireGuard handshake now; persistent keepalive on.
+        ICE may take over later. False when the peer already has a path."""
+        link = self._links.get(peer_id)
+        if link is None or link.direct is not None or self.mux.attached(peer_id):
+            return False
+        direct = self._own_socket(local_port)
+        self._use_direct(link, direct, endpoint, "cached", True)
+        self._kick(link)
+        return True
+
+    def network_changed(self, addresses: set[str]) -> list[str]:
+        """The host's addresses changed (``addresses``: the ones it has now). A direct path
+        on a socket bound to an address that is gone moves to our own wildcard socket; every
+        peer gets a keepalive (a handshake if it has no session) at once, so it follows us
+        by roaming. Returns the peers whose path moved."""
+        moved = []
+        for link in self._links.values():
+            endpoint = self.device.endpoint_of(link.public_key)
+            direct = link.direct
+            if (direct is not None and endpoint is not None and len(endpoint) == 3
+                    and direct.local[0] not in ("0.0.0.0", *addresses)):
+                own = self._own_socket(0)
+                self._use_direct(link, own, (endpoint[0], endpoint[1]), "roamed", True)
+                moved.append(link.peer_id)
+            self._kick(link)
+        return moved
+
+    def direct_endpoint(self, peer_id: str) -> tuple[str, int, int] | None:
+        """``(host, port, local port)`` of a working direct path (a handshake in the last
+        :data:`CACHE_FRESH` s) for the endpoint cache, else None."""
+        link = self._links.get(peer_id)
+        if link is None:
+            return None
+        peer = self.device.peer(link.public_key)
+        endpoint = self.device.endpoint_of(link.public_key)
+        if peer is None or endpoint is None or len(endpoint) != 3:
+            return None
+        direct = next((d for d in self.io.sockets() if d.id == endpoint[2]), None)
+        last = self.device.peer_stats(peer).get("last_handshake")
+        if direct is None or last is None or time.time() - last > CACHE_FRESH:
+            return None
+        return str(endpoint[0]), int(endpoint[1]), direct.local[1]
+
+    def _own_socket(self, port: int) -> DirectSocket:
+        if port in self._own and not self._own[port].closed:
+            return self._own[port]
+        if not port and self._own:
+            return next(iter(self._own.values()))
+        direct = self.io.open(bind_direct(port), owner="group")
+        self._own[port] = direct
+        self._own.setdefault(direct.local[1], direct)
+        self.device.serve(direct, f"udp-own-{direct.local[1]}")
+        return direct
+
+    def _use_direct(self, link: _Link, direct: DirectSocket, remote: tuple[str, int],
+                    kind: str, nat: bool) -> None:
+        old, link.direct, link.transport = link.direct, direct, kind
+        self.device.set_endpoint_addr(link.public_key, direct.addr(str(remote[0]),
+                                                                  int(remote[1])))
+        self.device.set_persistent_keepalive(link.public_key, self.keepalive if nat else 0.0)
+        if old is not direct:
+            self._release(old, later=True)
+
+    def _release(self, direct: DirectSocket | None, later: bool = False) -> None:
+        """Close a peer's taken-over socket (our own wildcard sockets stay for the group)."""
+        if direct is None or direct.owner == "group":
+            return
+        if later and not self._stopped:
+            with contextlib.suppress(RuntimeError):
+                asyncio.get_running_loop().call_later(DIRECT_GRACE, self.io.discard, direct)
+                return
+        self.io.discard(direct)
 
     def _kick(self, link: _Link) -> None:
         """Push a keepalive through the Device: with no session it starts the handshake."""
@@ -509,6 +843,8 @@ class GroupLinks:
             self._failed(link, reason)
 
     def _failed(self, link: _Link, reason: str) -> None:
+        # A relayed path dies with its session; a direct socket does not: WireGuard keeps
+        # using it (and its timers tell) until a new session moves the peer elsewhere.
         self.mux.detach(link.peer_id)
         link.state = "failed"
         link.reason = reason
@@ -553,15 +889,31 @@ class GroupLinks:
             "connect_time": result.connect_time if result else None,
             "reason": link.reason,
             "controlling": link.controlling,
+            "transport": None,
+            "local_port": None,
             "allowed_ips": list(link.allowed_ips),
             "ice": link.session.stats() if link.session is not None else None,
         }
         peer = self.device.peer(link.public_key)
         if peer is not None:
             device_stats = self.device.peer_stats(peer)
+            endpoint = self.device.endpoint_of(link.public_key)
             device_stats.pop("endpoint", None)  # the token: remote_endpoint says where
             stats.update(device_stats)
+            if endpoint is not None and len(endpoint) == 3:
+                direct = link.direct
+                stats["transport"] = link.transport
+                stats["remote_endpoint"] = display(endpoint)
+                stats["local_port"] = direct.local[1] if direct is not None else None
+            elif endpoint is not None and self.mux.attached(peer_id):
+                stats["transport"] = "ice-relay"
         return stats
+
+    def datapath(self) -> str:
+        """``offload`` when the TUN device hands over TCP super-packets, else ``per-packet``."""
+        tun = self.device.tun
+        offloads = tun.stats().get("offloads") if hasattr(tun, "stats") else False
+        return "offload" if offloads else "per-packet"
 
     def stats(self) -> dict[str, Any]:
         device = self.device.stats()
@@ -570,5 +922,7 @@ class GroupLinks:
             "public_key": self.device.public_key.hex(),
             "peers": {peer_id: self.peer_stats(peer_id) for peer_id in self._links},
             "device": device,
+            "datapath": self.datapath(),
             "mux": self.mux.stats(),
+            "direct": [d.stats() for d in self.io.sockets()],
         }

@@ -33,6 +33,7 @@ from socialvpn.net.tun import TunDevice
 from tests.integration.test_ice import NsLoop
 from tests.kit.coturn import Coturn, cleanup_stale_coturn
 from tests.kit.env import integration_unavailable_reason
+from tests.kit.links import Iperf3Server, iperf3, tcp_mbps
 from tests.kit.netns import NetLab, Site
 
 pytestmark = pytest.mark.integration
@@ -300,3 +301,35 @@ async def test_consent_loss_reports_failed_and_a_new_session_restores(bed: Bed) 
         assert (await a.stats("b"))["state"] == "up"
         print(f"re-signalled link up in {took:.2f}s")
     assert time.monotonic() - t0 < CASE_BUDGET
+
+
+async def test_direct_path_runs_on_a_real_socket_and_is_faster(bed: Bed) -> None:
+    """A direct ICE pair: the Device sends and receives on the selected socket itself (UDP
+    GSO/GRO, its own threads), not through aioice. iperf3 over the overlay, both ways, against
+    the old path through aioice (``direct_sockets=False``) on the same bed."""
+    speeds: dict[str, float] = {}
+    for direct in (False, True):
+        async with group(bed.a, bed.b, bed.stun_only, direct_sockets=direct) as (a, b):
+            await connect(a, b)
+            await wait_handshake(a, "b")
+            ok, out = await ping(a.site, b.address, count=2)
+            assert ok, out
+            sa, sb = await a.stats("b"), await b.stats("a")
+            want = "direct-socket" if direct else "ice-relay"
+            assert sa["transport"] == want and sb["transport"] == want, (sa, sb)
+            server = await asyncio.to_thread(Iperf3Server, b.site.host, b.address)
+            try:
+                up = await asyncio.to_thread(iperf3, a.site.host, b.address, seconds=4)
+                down = await asyncio.to_thread(iperf3, a.site.host, b.address, seconds=4,
+                                               reverse=True)
+            finally:
+                await asyncio.to_thread(server.stop)
+            speeds[want] = min(tcp_mbps(up), tcp_mbps(down))
+            stats = await a.call(a.links.stats)
+            assert stats["datapath"] in ("offload", "per-packet")
+            if direct:
+                assert any(d["rx"] > 0 for d in stats["direct"]), stats["direct"]
+                assert stats["mux"]["paths"] == {}, stats["mux"]
+            print(f"{want}: a->b {tcp_mbps(up):.0f} Mbit/s, b->a {tcp_mbps(down):.0f} Mbit/s, "
+                  f"datapath {stats['datapath']}")
+    assert speeds["direct-socket"] > speeds["ice-relay"], speeds
