@@ -39,6 +39,8 @@ class XmppServer(Protocol):
     port: int
     log_path: Path
 
+    @property
+    def pid(self) -> int | None: ...
     def start(self) -> None: ...
     def close(self) -> None: ...
     def register(self, user: str, password: str) -> str: ...
@@ -95,7 +97,7 @@ class Internet:
                 tmp / "prosody", domain=domains[0], netns=self.topo.pub,
                 host=self.topo.service_ip, ca=ca, log_level=prosody_log)  # type: ignore[arg-type]
         self.server: XmppServer = next(iter(self.servers.values()))
-        self.turn = Coturn(self.topo.pub, self.topo.service_ip)
+        self.turn = Coturn(self.topo.pub, self.topo.service_ip, workdir=tmp / "coturn")
         self.agents: list[AgentProc] = []
         self._accounts: set[tuple[str, str]] = set()
 
@@ -128,6 +130,20 @@ class Internet:
         for netns in self._etc_dirs:
             remove_netns_etc(netns)
         self._etc_dirs.clear()
+
+    def detach(self) -> None:
+        """Let the servers outlive this process (`make demo` leaves its cluster running): drop
+        the kits' last-resort finalizers that would stop them at interpreter exit."""
+        for server in [*self.servers.values(), self.turn]:
+            finalizer = getattr(server, "_finalizer", None)
+            if finalizer is not None:
+                finalizer.detach()
+
+    def server_pids(self) -> list[tuple[str, int]]:
+        """(what, pid) of every server process running now."""
+        out = [(f"xmpp {d}", s.pid) for d, s in self.servers.items()]
+        out.append(("coturn", self.turn.pid))
+        return [(what, pid) for what, pid in out if pid]
 
     def ice_config(self, turn: bool = True) -> str:
         host, port, user, password = self.turn.turn_credentials
