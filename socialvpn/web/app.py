@@ -68,7 +68,8 @@ SECURITY_HEADERS = {
 }
 _SMALL_INT = re.compile(r"[0-9]{1,18}")
 _AGENT_KEY = web.AppKey("agent", object)
-_SESSION = "svpn_session"
+_SESSION: Any = (web.RequestKey("session", object)  # type: ignore[attr-defined]
+                 if hasattr(web, "RequestKey") else "svpn_session")
 
 
 class WebState:
@@ -486,7 +487,7 @@ class APIServer:
         assert self._runner is not None
         host, port = listen
         shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        site = web.TCPSite(self._runner, host, port, shutdown_timeout=2.0)
+        site = web.TCPSite(self._runner, host, port)
         try:
             await site.start()
         except OSError as exc:

@@ -51,9 +51,9 @@ class _Writer:
         rows = list(samples)
         if not rows:
             return
-        self.lines.append(f"# HELP {name} {_escape_help(help_text)}")
-        self.lines.append(f"# TYPE {name} {kind}")
-        sample = f"{name}_total" if kind == "counter" else name
+        sample = f"{name}_total" if kind == "counter" else name  # as prometheus_client does
+        self.lines.append(f"# HELP {sample} {_escape_help(help_text)}")
+        self.lines.append(f"# TYPE {sample} {kind}")
         for labels, value in rows:
             text = ",".join(f'{metric_name(k)}="{escape_label(str(v))}"'
                             for k, v in labels.items())

@@ -96,7 +96,7 @@ class FakeAgent:
         now = time.time()
         self._peers = [fake_peer(i, now) for i in range(self.peer_count)]
 
-    def publish(self, kind: str, **data: Any) -> None:
+    def publish(self, kind: str, /, **data: Any) -> None:
         self.event_log.append({"kind": kind, "seq": len(self.event_log) + 1, "at": time.time(),
                                "data": data})
 
