@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from . import __version__, groups
@@ -53,6 +54,8 @@ class Agent(XmppListener):
         self.links = LinkHub(self)
         self._drop_logged: dict[str, float] = {}
         self.running = False
+        # The daemon sets this to sd_notify: `systemctl status` then shows the XMPP state.
+        self.notify: Callable[[str], None] = lambda _message: None
         # Set when the agent cannot go on (the server refused the password at start-up).
         self.fatal: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
@@ -99,6 +102,7 @@ class Agent(XmppListener):
 
     def xmpp_state_changed(self, status: ConnectionStatus) -> None:
         self.events.publish("xmpp.state", **status.to_json())
+        self.notify(f"STATUS=XMPP {status.state}: {status.reason}")
 
     def signed_in(self) -> None:
         self.counters.add("xmpp_sign_ins")

@@ -53,6 +53,7 @@ async def run_agent(cfg: Config, password: str, state: StateDir) -> int:
     """Run until SIGTERM/SIGINT (→ 0) or an authentication failure (→ EXIT_AUTH)."""
     keys = state.load_keys()
     agent = Agent(cfg, password, state, keys)
+    agent.notify = sd_notify
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 

@@ -16,6 +16,15 @@ from tests.kit.ca import unknown_ca_server_cert
 pytestmark = pytest.mark.integration
 
 
+def _notified(sock: socket.socket, token: bytes) -> bytes:
+    """The first sd_notify datagram holding ``token`` (STATUS= lines may come before it)."""
+    for _ in range(50):
+        message = sock.recv(4096)
+        if token in message:
+            return message
+    raise AssertionError(f"no {token!r} in 50 notifications")
+
+
 def test_wrong_password_exits_once_without_hammering(prosody_tls, agent_factory, unique_user):
     user = unique_user("frank")
     agent = agent_factory(prosody_tls, user, password="right one", login_password="wrong one")
@@ -132,13 +141,13 @@ def test_sd_notify_ready_and_stopping(prosody_tls, agent_factory, unique_user, t
         sock.settimeout(15)
         agent = agent_factory(prosody_tls, unique_user("kim"), start=False)
         agent.start(env={"NOTIFY_SOCKET": str(sock_path)})
-        assert b"READY=1" in sock.recv(4096)
+        assert _notified(sock, b"READY=1")
         # READY means the local API answers: asked at once, with no retry.
         status = APIClient(agent.state_dir / "api.sock", timeout=5).get("status")
         assert status["agent"]["state"] == "running"
         agent.wait_connected()
         assert agent.stop() == 0
-        assert b"STOPPING=1" in sock.recv(4096)
+        assert _notified(sock, b"STOPPING=1")
 
 
 def test_keepalive_notices_a_frozen_server(prosody_factory, agent_factory, unique_user):
