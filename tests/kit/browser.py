@@ -66,7 +66,7 @@ def fake_peer(i: int, now: float | None = None) -> dict[str, Any]:
     return {
         "group": "lab", "jid": f"user{i}@example.org", "device": f"dev{i}",
         "id": f"{i:016x}", "ip4": f"10.77.{i // 250}.{i % 250 + 2}",
-        "ip6": f"fd00:77::{i + 2:x}", "signalling": "up", "failure": None,
+        "ip6": f"fd5e:1a2b:3c4d:77::{i + 2:x}", "signalling": "up", "failure": None,
         "endpoint": f"192.0.2.{i % 250 + 1}:{40000 + i}",
         "fingerprint": "ab12 cd34 ef56 7890 " * 2, "peer_id": f"{i:016x}",
         "state": "up", "path": "direct" if direct else "turn",
@@ -112,7 +112,7 @@ class FakeAgent:
             "device": {"id": "0123456789abcdef", "name": "laptop",
                        "fingerprint": "1234 5678 9abc def0 1234 5678 9abc def0",
                        "key": "AAAA"},
-            "groups": [{"name": n, "role": "owner", "ip4": "10.77.0.1", "ip6": "fd00:77::1",
+            "groups": [{"name": n, "role": "owner", "ip4": "10.77.0.1", "ip6": "fd5e:1a2b:3c4d:77::1",
                         "epoch": 1} for n in self.group_names],
             "counters": {"stanzas_dropped": {"oversize": 2, 'we"ird\\label\n': 1},
                          "xmpp_sign_ins": {"": 1}},
@@ -149,8 +149,8 @@ class FakeAgent:
 
     def groups(self) -> list[dict[str, Any]]:
         return [{"name": n, "gid": "g" * 32, "owner": "alice@example.org", "role": "owner",
-                 "epoch": 1, "subnet4": "10.77.0.0/24", "prefix6": "fd00:77::/64",
-                 "ip4": "10.77.0.1", "ip6": "fd00:77::1", "members": 1, "devices": 1,
+                 "epoch": 1, "subnet4": "10.77.0.0/24", "prefix6": "fd5e:1a2b:3c4d:77::/64",
+                 "ip4": "10.77.0.1", "ip6": "fd5e:1a2b:3c4d:77::1", "members": 1, "devices": 1,
                  "owner_key_fingerprint": "aaaa bbbb cccc dddd"} for n in self.group_names]
 
     def peers(self) -> list[dict[str, Any]]:
@@ -164,7 +164,7 @@ class FakeAgent:
         summary = next(g for g in self.groups() if g["name"] == name)
         return {**summary, "member_list": [{"jid": "alice@example.org", "devices": [
             {"id": "0123456789abcdef", "name": "laptop", "ip4": "10.77.0.1",
-             "ip6": "fd00:77::1", "key": "AAAA", "online": True}]}], "join_requests": []}
+             "ip6": "fd5e:1a2b:3c4d:77::1", "key": "AAAA", "online": True}]}], "join_requests": []}
 
     async def group_create(self, name: str, subnet: str | None) -> dict[str, Any]:
         self.calls.append(("group_create", name, subnet))

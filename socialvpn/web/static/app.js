@@ -71,6 +71,7 @@ function table(label, headers, rows, attrs) {
           td.dataset.label = headers[i];
           if (r.classes && r.classes[i]) td.className = r.classes[i];
           if (r.fields && r.fields[i]) td.dataset.field = r.fields[i];
+          if (r.values && typeof r.values[i] === "number") td.dataset.value = String(r.values[i]);
           tr.append(td);
         });
         return tr;
@@ -297,6 +298,7 @@ function drawPeers() {
         ago(p.last_handshake), bytes(p.rx_bytes), bytes(p.tx_bytes), p.fingerprint],
       classes: [null, null, null, "mono", p.state === "up" ? "state-up" : "state-down", null, "mono", "num", null, "num", "num", "mono fp"],
       fields: [null, null, null, null, "state", "path", "endpoint", "rtt", "handshake", "rx", "tx", "fingerprint"],
+      values: [null, null, null, null, null, null, null, p.rtt, p.last_handshake, p.rx_bytes, p.tx_bytes, null],
     })), { "aria-describedby": "h-peers" }));
 }
 
