@@ -66,6 +66,7 @@ class OurLink:
     peers: list[LinkPeer] = field(default_factory=list)
     timers: dict[str, float] = field(default_factory=dict)
     offloads: bool = True
+    extra_addresses: list[str] = field(default_factory=list)  # e.g. ["fd00:9::1/64"]
     proc: subprocess.Popen[str] | None = None
 
     @property
@@ -80,7 +81,7 @@ class OurLink:
         self.workdir.mkdir(parents=True, exist_ok=True)
         spec = {
             "private_key": self.keys.private, "listen_port": self.port, "tun": self.tun,
-            "mtu": self.mtu, "addresses": [self.address],
+            "mtu": self.mtu, "addresses": [self.address, *self.extra_addresses],
             "peers": [p.__dict__ for p in self.peers], "timers": self.timers,
             "offloads": self.offloads,
         }
@@ -149,6 +150,7 @@ class WgGoLink:
     ifname: str = ""  # default: unique per process and namespace (wg's UAPI socket is global)
     mtu: int = 1380
     peers: list[LinkPeer] = field(default_factory=list)
+    extra_addresses: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
@@ -181,7 +183,8 @@ class WgGoLink:
             if p.persistent_keepalive:
                 args += ["persistent-keepalive", str(p.persistent_keepalive)]
         self.ns.run(args)
-        self.ns.ip("addr", "add", self.address, "dev", self.ifname)
+        for address in (self.address, *self.extra_addresses):
+            self.ns.ip("addr", "add", address, "dev", self.ifname)
         self.ns.ip("link", "set", self.ifname, "mtu", str(self.mtu), "up")
 
     def pids(self) -> list[int]:
