@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ipaddress
 import logging
 import os
 import time
@@ -35,6 +36,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("socialvpn.links")
 
 INTERFACE_PREFIX = "svpn-"  # every TUN device the agent makes is named svpn-<group>
+ENDPOINTS_FILE = "endpoints.json"  # last working direct endpoint per (group, peer device)
+ENDPOINTS_VERSION = 1
+CACHE_INTERVAL = 5.0  # seconds between looks at what to cache
+CACHE_MAX_AGE = 7 * 86400.0  # cached endpoints older than this are forgotten
 
 
 def cleanup_network(prefix: str = INTERFACE_PREFIX) -> list[str]:
@@ -49,6 +54,25 @@ def cleanup_network(prefix: str = INTERFACE_PREFIX) -> list[str]:
         return router.cleanup(prefix)
     finally:
         router.close()
+
+
+def parse_cached(entry: object) -> tuple[tuple[str, int], int] | None:
+    """``((host, port), local_port)`` from one endpoint cache entry, None if malformed."""
+    if not isinstance(entry, dict):
+        return None
+    text, local_port = entry.get("endpoint"), entry.get("local_port", 0)
+    if not isinstance(text, str) or not isinstance(local_port, int) or isinstance(
+            local_port, bool) or not 0 <= local_port <= 65535:
+        return None
+    host, _, port = text.rpartition(":")
+    try:
+        ip = ipaddress.ip_address(host)
+        number = int(port)
+    except ValueError:
+        return None
+    if ip.version != 4 or not 0 < number < 65536 or ip.is_unspecified or ip.is_multicast:
+        return None
+    return (str(ip), number), local_port
 
 
 class LinkHub:
@@ -70,6 +94,12 @@ class LinkHub:
         self.failures: dict[tuple[str, str], str] = {}
         self._up: dict[str, asyncio.Event] = {}  # gid -> set once its links are up
         self._order: dict[tuple[str, str], asyncio.Lock] = {}
+        self._overlay: tuple[str, ...] = ()
+        self._restored: set[tuple[str, str]] = set()
+        self._cache: dict[str, dict[str, dict[str, Any]]] = self._load_cache()
+        self._cache_at = 0.0
+        self.monitor: Any = None
+        self.network_changes = 0
 
     async def start(self) -> None:
         """Bring back every group's TUN device and addresses from the state (XMPP need not be
@@ -81,6 +111,34 @@ class LinkHub:
                 log.exception("restoring the groups' devices failed")
             self._task = asyncio.get_running_loop().create_task(self._loop(), name="links")
             self.changed()
+            await self._start_monitor()
+
+    async def _start_monitor(self) -> None:
+        from .net.monitor import NetMonitor
+
+        monitor = NetMonitor(self.network_changed, exclude_networks=lambda: self._overlay,
+                             exclude_prefixes=(INTERFACE_PREFIX, "lo"))
+        try:
+            await monitor.start()
+        except Exception as exc:
+            log.warning("no network monitor (%s): links recover by re-signalling only", exc)
+            return
+        self.monitor = monitor
+
+    def network_changed(self, addresses: frozenset[str]) -> None:
+        """The host's usable addresses changed: every link sends from where it can now at once
+        (a peer follows an authenticated packet from a new address), and every ICE session
+        starts over with fresh candidates (signalled as end + new offer)."""
+        self.network_changes += 1
+        now = time.monotonic()
+        for gid, links in self.groups.items():
+            moved = links.network_changed(set(addresses))
+            if moved:
+                log.info("network change: %s now sent from our own socket", ", ".join(moved))
+            for key, sig in list(self.signals.items()):
+                if key[0] == gid and sig.ice_running:
+                    self._run(key, sig.ice_failed("network-changed", now))
+        self._wake.set()
 
     def reoffer(self, device_id: str | None = None) -> None:
         """Signalling sent while the server (or the peer) was away went nowhere: offer again
@@ -93,6 +151,9 @@ class LinkHub:
         self._wake.set()
 
     async def stop(self) -> None:
+        if self.monitor is not None:
+            await self.monitor.stop()
+            self.monitor = None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -109,6 +170,12 @@ class LinkHub:
                 except Exception:
                     log.exception("link set-up failed")
             now = time.monotonic()
+            if now - self._cache_at >= CACHE_INTERVAL:
+                self._cache_at = now
+                try:
+                    self._save_cache()
+                except Exception:
+                    log.exception("saving the endpoint cache failed")
             for key, sig in list(self.signals.items()):
                 deadline = sig.next_deadline()
                 if deadline is not None and deadline <= now:
@@ -126,6 +193,7 @@ class LinkHub:
                 await self._drop_group(gid)
         # ICE must never gather on (or through) any group's overlay addresses.
         overlay = tuple(n for doc in wanted.values() for n in (doc.subnet4, doc.prefix6))
+        self._overlay = overlay
         for gid, doc in wanted.items():
             if gid not in self.groups:
                 await self._add_group(gid, doc)
@@ -135,6 +203,9 @@ class LinkHub:
             for peer_id, plan in plans.items():
                 links.set_peer(peer_id, base64.b64decode(plan.key), plan.allowed_ips)
                 key = (gid, peer_id)
+                if key not in self._restored:
+                    self._restored.add(key)
+                    self._restore(gid, peer_id, links)
                 if key not in self.signals:
                     sig = LinkSignaling(me, peer_id, rng=os.urandom)
                     self.signals[key] = sig
@@ -173,6 +244,7 @@ class LinkHub:
                              turn=tuple(turn))
         links = GroupLinks(private_key=self.agent.keys.x25519_private, tun=tun,
                            routes=PacketRouter(), servers=servers, mtu=cfg.link.mtu,
+                           keepalive=cfg.link.keepalive,
                            on_event=lambda ev, gid=gid: self._on_event(gid, ev),
                            exclude_networks=(doc.subnet4, doc.prefix6))
         links.start()
@@ -186,6 +258,7 @@ class LinkHub:
 
         links = self.groups.pop(gid)
         self._up.pop(gid, None)
+        self._restored = {k for k in self._restored if k[0] != gid}
         for key in [k for k in self.signals if k[0] == gid]:
             sig = self.signals.pop(key)
             self._run(key, sig.close(time.monotonic()), jid=self.jids.pop(key, None))
@@ -202,6 +275,71 @@ class LinkHub:
                 log.debug("removing %s: %s", name, exc)
             finally:
                 router.close()
+
+    # --- the peer endpoint cache (DESIGN.md §4.5) --------------------------------------------
+
+    def _load_cache(self) -> dict[str, dict[str, dict[str, Any]]]:
+        try:
+            raw = self.agent.state.read_json(ENDPOINTS_FILE, {})
+        except Exception as exc:  # a corrupt cache only costs the quick start
+            log.warning("endpoint cache ignored: %s", exc)
+            return {}
+        groups_ = raw.get("groups") if isinstance(raw, dict) else None
+        if not isinstance(groups_, dict) or raw.get("version") != ENDPOINTS_VERSION:
+            return {}
+        out: dict[str, dict[str, dict[str, Any]]] = {}
+        for gid, peers in groups_.items():
+            if not isinstance(peers, dict):
+                continue
+            for peer_id, entry in peers.items():
+                if parse_cached(entry) is not None:
+                    out.setdefault(str(gid), {})[str(peer_id)] = entry
+        return out
+
+    def _restore(self, gid: str, peer_id: str, links: Any) -> None:
+        entry = parse_cached(self._cache.get(gid, {}).get(peer_id))
+        if entry is None:
+            return
+        endpoint, local_port = entry
+        try:
+            if links.restore(peer_id, endpoint, local_port):
+                log.info("link to %s restored from cache: %s:%s from port %s", peer_id,
+                         endpoint[0], endpoint[1], local_port)
+        except OSError as exc:
+            log.warning("restoring the link to %s: %s", peer_id, exc)
+
+    def _save_cache(self) -> None:
+        """Remember each peer's working direct endpoint (and our local port); keep older
+        entries of peers that are down now (they are tried at the next start); forget peers
+        and groups that are gone."""
+        agent = self.agent
+        me = agent.device.id
+        now = time.time()
+        cache: dict[str, dict[str, dict[str, Any]]] = {}
+        for gid in agent.book.groups:
+            doc = agent.book.doc(gid)
+            if doc.device(me) is None:
+                continue
+            peers = {d.id for _, d in doc.devices() if d.id != me}
+            links = self.groups.get(gid)
+            for peer_id in peers:
+                entry = self._cache.get(gid, {}).get(peer_id)
+                found = (links.direct_endpoint(peer_id)
+                         if links is not None and peer_id in links.peers() else None)
+                if found is not None:
+                    host, port, local_port = found
+                    same = (entry is not None and entry.get("endpoint") == f"{host}:{port}"
+                            and entry.get("local_port") == local_port
+                            and now - float(entry.get("saved", 0)) < 3600)
+                    if not same:
+                        entry = {"endpoint": f"{host}:{port}", "local_port": local_port,
+                                 "saved": round(now)}
+                if entry is not None and now - float(entry.get("saved", 0)) < CACHE_MAX_AGE:
+                    cache.setdefault(gid, {})[peer_id] = entry
+        if cache != self._cache:
+            self._cache = cache
+            agent.state.write_json(ENDPOINTS_FILE, {"version": ENDPOINTS_VERSION,
+                                                    "groups": cache})
 
     # --- signalling <-> ICE ----------------------------------------------------------------
 
@@ -301,7 +439,8 @@ class LinkHub:
                     continue
                 key = (gid, device.id)
                 sig = self.signals.get(key)
-                stats = links.peer_stats(device.id) if links is not None else {}
+                stats = (links.peer_stats(device.id)
+                         if links is not None and device.id in links.peers() else {})
                 stats.pop("ice", None)
                 out.append({
                     "group": doc.name, "jid": jid, "device": device.name, "id": device.id,
@@ -309,6 +448,8 @@ class LinkHub:
                     "signalling": str(sig.state) if sig is not None else "idle",
                     "failure": self.failures.get(key),
                     "endpoint": stats.get("remote_endpoint"),
+                    "datapath": links.datapath() if links is not None else None,
+                    "transport": stats.get("transport"),
                     "fingerprint": fingerprint_of(base64.b64decode(device.key),
                                                   base64.b64decode(device.sign)),
                     **stats,

@@ -375,6 +375,15 @@ class IceTransport:
                 self._send(data)
 
 
+@dataclass(frozen=True)
+class TakenSocket:
+    """What :meth:`IceSession.take_socket` hands over."""
+
+    sock: socket.socket
+    stun: Callable[[bytes, tuple[str, int]], None]  # give a STUN datagram back to aioice
+    early: tuple[bytes, ...] = ()  # non-STUN datagrams received before the take-over
+
+
 # --- the session -----------------------------------------------------------------------------
 
 
@@ -871,7 +880,7 @@ class IceSession:
             self._transport = transport
         return self._transport
 
-    def take_socket(self) -> tuple[socket.socket, Callable[[bytes, tuple[str, int]], None]] | None:
+    def take_socket(self) -> TakenSocket | None:
         """Hand the selected pair's UDP socket to the link device's threads (call on the loop,
         after ``connect()``): returns a duplicate of the socket aioice bound, and a function
         (callable from any thread) that gives a STUN datagram received on it back to aioice.
@@ -880,7 +889,9 @@ class IceSession:
         rest. aioice still sends on the socket. ``None`` when our side of the pair is relayed
         (TURN): that path stays on :meth:`transport`.
 
-        The duplicate outlives the session: closing the session releases only aioice's copy."""
+        Datagrams that arrived before (the peer's first WireGuard message often does) come
+        along in ``early``. The duplicate outlives the session: closing the session releases
+        only aioice's copy."""
         if not self.connected or self._transport is not None:
             return None
         pair = self._conn._nominated.get(1)
@@ -906,7 +917,20 @@ class IceSession:
             with contextlib.suppress(RuntimeError):  # the loop is closed
                 loop.call_soon_threadsafe(self._stun_received, protocol, data, addr)
 
-        return dup, deliver
+        early: list[bytes] = []
+        while not self._rx.empty():
+            item = self._rx.get_nowait()
+            if item is not None:
+                early.append(item)
+        queued = getattr(self._conn, "_queue", None)
+        while queued is not None and not queued.empty():
+            entry = queued.get_nowait()
+            if entry is not None:
+                early.append(entry[0])
+            else:
+                queued.put_nowait(None)  # aioice's own end marker stays for its reader
+                break
+        return TakenSocket(dup, deliver, tuple(early))
 
     def _stun_received(self, protocol: Any, data: bytes, addr: tuple[str, int]) -> None:
         if self._closing:

@@ -36,6 +36,7 @@ How the pieces fit:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import logging
@@ -44,13 +45,21 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from .constants import DEFAULT_TIMERS, LinkTimers
 from .device import Device, PacketIO, Peer, PeerConfig, RouteTable
-from .ice import CONSENT_FAILURES, CONSENT_INTERVAL, IceFailed, IceResult, IceServers, IceSession
+from .ice import (
+    CONSENT_FAILURES,
+    CONSENT_INTERVAL,
+    IceFailed,
+    IceResult,
+    IceServers,
+    IceSession,
+    TakenSocket,
+)
 from .transport import DatagramIO, SockAddr, UdpTransport, display
 
 log = logging.getLogger("socialvpn.link.manager")
@@ -323,6 +332,7 @@ class DirectSocket:
         self.rx = 0
         self.stun_rx = 0
         self._wake: SockAddr = ("0.0.0.0", 0, sid)
+        self._early: collections.deque[tuple[bytes, SockAddr]] = collections.deque()
 
     @property
     def gso(self) -> bool:
@@ -339,6 +349,12 @@ class DirectSocket:
     def addr(self, host: str, port: int) -> SockAddr:
         return (host, port, self.id)
 
+    def early(self, datagrams: Iterable[bytes], remote: tuple[str, int]) -> None:
+        """Datagrams from ``remote`` that arrived before this socket was ours: the reader
+        gets them first."""
+        addr = (str(remote[0]), int(remote[1]), self.id)
+        self._early.extend((bytes(d), addr) for d in datagrams)
+
     def sendto(self, data: bytes | bytearray | memoryview, addr: SockAddr) -> None:
         self.udp.sendto(data, (addr[0], addr[1]))
 
@@ -346,6 +362,11 @@ class DirectSocket:
         self.udp.send_batch(messages, (addr[0], addr[1]))
 
     def recv_segments(self, buf: bytearray) -> tuple[int, int, SockAddr]:
+        if self._early:
+            data, early_addr = self._early.popleft()
+            n = min(len(data), len(buf))
+            buf[:n] = data[:n]
+            return n, n, early_addr
         recv = self.udp.recv_segments
         while True:
             try:
@@ -698,8 +719,7 @@ class GroupLinks:
                 return
             taken = session.take_socket() if self.direct_sockets else None
             if taken is not None:
-                self.attach_direct(link.peer_id, taken[0], result, on_stun=taken[1],
-                                   initiate=link.controlling)
+                self.attach_direct(link.peer_id, taken, result, initiate=link.controlling)
             else:
                 transport = session.transport()
                 self.attach_path(link.peer_id, transport, result, initiate=link.controlling)
@@ -732,17 +752,17 @@ class GroupLinks:
 
     # -- direct sockets --
 
-    def attach_direct(self, peer_id: str, sock: socket.socket, result: IceResult, *,
-                      on_stun: Callable[[bytes, tuple[str, int]], None] | None = None,
+    def attach_direct(self, peer_id: str, taken: TakenSocket, result: IceResult, *,
                       initiate: bool = True) -> None:
         """ICE selected a pair whose local side is a plain socket (``sock``, a duplicate the
         Device's threads now read with the fast path): point the peer there and report
         ``connected``. The socket the peer used before keeps receiving a little while."""
         link = self._links[peer_id]
         if self._stopped:
-            sock.close()
+            taken.sock.close()
             return
-        direct = self.io.open(sock, owner=peer_id, on_stun=on_stun)
+        direct = self.io.open(taken.sock, owner=peer_id, on_stun=taken.stun)
+        direct.early(taken.early, result.remote_addr)
         self.device.serve(direct, f"udp-{peer_id[:8]}")
         self.mux.detach(peer_id)
         self._use_direct(link, direct, result.remote_addr, "direct-socket", crosses_nat(result))
