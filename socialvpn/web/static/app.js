@@ -8,6 +8,7 @@ const PAGES = ["overview", "friends", "groups", "peers", "events"];
 const state = { status: null, friends: [], requests: null, groups: [], details: {},
                 peers: [], events: [], dashboard: null };
 const rendered = {};  // region id -> JSON last drawn there (skip redraws that change nothing)
+const marked = {};  // regions drawn at least once
 
 // --- small helpers ----------------------------------------------------------------------
 
@@ -86,6 +87,10 @@ function region(id, data, draw) {
   const el = document.getElementById(id);
   const focused = el.contains(document.activeElement) ? document.activeElement.id : null;
   el.replaceChildren(...[].concat(draw()));
+  if (!marked[id] && !(Array.isArray(data) && !data.length)) {  // first real draw (bench)
+    marked[id] = true;
+    performance.mark("svpn:" + id);
+  }
   if (focused) { const again = document.getElementById(focused); if (again) again.focus(); }
 }
 
@@ -395,9 +400,8 @@ function setup() {
     if (current() === "peers") { delete rendered.peers; drawPeers(); }
   }, 5000);
   show();
-  connect();
-  load("status");
-  load("peers");
+  connect();  // the stream sends status and peers at once; fetch them only if it does not
+  setTimeout(() => { if (!state.status) { load("status"); load("peers"); } }, 2000);
 }
 
 setup();
