@@ -112,8 +112,8 @@ class FakeAgent:
             "device": {"id": "0123456789abcdef", "name": "laptop",
                        "fingerprint": "1234 5678 9abc def0 1234 5678 9abc def0",
                        "key": "AAAA"},
-            "groups": [{"name": n, "role": "owner", "ip4": "10.77.0.1", "ip6": "fd5e:1a2b:3c4d:77::1",
-                        "epoch": 1} for n in self.group_names],
+            "groups": [{"name": n, "role": "owner", "ip4": "10.77.0.1",
+                        "ip6": "fd5e:1a2b:3c4d:77::1", "epoch": 1} for n in self.group_names],
             "counters": {"stanzas_dropped": {"oversize": 2, 'we"ird\\label\n': 1},
                          "xmpp_sign_ins": {"": 1}},
         }
