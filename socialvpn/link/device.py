@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import struct
 import threading
 import time
 from collections import deque
@@ -44,11 +45,14 @@ from .constants import (
 from .noise import PeerHandshake, StaticIdentity, source_bytes
 from .packet import DatagramKind, classify
 from .ratelimit import LoadMonitor, Ratelimiter, source_key
-from .session import Keypairs, Session, inner_length
+from .session import Keypairs, Session, SessionExpired, inner_length
 from .timers import PeerTimers, TimerAction
 from .transport import DatagramIO, SockAddr, display, host_of
 
 log = logging.getLogger("socialvpn.link")
+
+Buffer = bytes | bytearray | memoryview
+_U32LE = struct.Struct("<I")
 
 MAX_STAGED_PACKETS = 128  # packets held per peer while a handshake is under way (wireguard-go)
 TIMER_TICK = 0.05  # the timer thread's resolution, seconds
@@ -116,6 +120,15 @@ class Peer:
         return f"<Peer {self.public_key.hex()[:8]} endpoint={display(self.endpoint)}>"
 
 
+def _inner_bytes(groups: list[Any]) -> int:
+    """Total size of the packets in ``groups`` (offload ``Segments`` know theirs)."""
+    total = 0
+    for group in groups:
+        nbytes = getattr(group, "nbytes", None)
+        total += sum(map(len, group)) if nbytes is None else nbytes
+    return total
+
+
 class Device:
     def __init__(
         self,
@@ -155,6 +168,8 @@ class Device:
         self._running = False
         self._stopped = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._send_packed: Callable[[memoryview, list[int], SockAddr], None] | None = getattr(
+            transport, "send_packed", None)
 
     # --- peers -----------------------------------------------------------------------------
 
@@ -194,7 +209,7 @@ class Device:
 
     def send_keepalive(self, peer: Peer) -> None:
         """Send a keepalive now, starting a handshake first if there is no session."""
-        self._send(peer, [b""], keepalive=True)
+        self._send(peer, [[b""]], keepalive=True)
 
     def set_endpoint(self, public_key: bytes, host: str, port: int) -> None:
         peer = self._peers[public_key]
@@ -281,80 +296,133 @@ class Device:
     # --- sending ---------------------------------------------------------------------------
 
     def _tun_loop(self) -> None:
-        read_batch = getattr(self.tun, "read_batch", None)
-        read = self.tun.read
+        tun = self.tun
+        # With TUN offloads: one group per kernel read (a TSO super-packet's segments, made in
+        # place); otherwise one group per peer of the plain packets read.
+        read_groups = getattr(tun, "read_groups", None) if getattr(tun, "offloads", False) \
+            else None
+        read_batch = getattr(tun, "read_batch", None)
+        read = tun.read
         route = self.routes.peer_for_destination
         send = self._send
         while self._running:
             try:
-                packets = read_batch(TUN_BATCH) if read_batch else [read(RECEIVE_BUFFER)]
+                if read_groups is not None:
+                    groups: list[Any] = read_groups(TUN_BATCH)
+                    if len(groups) == 1:
+                        group = groups[0]
+                        peer = route(group.head)
+                        if peer is None:
+                            self._drop("no-route")
+                        else:
+                            send(peer, groups)
+                        continue
+                    heads = [g.head for g in groups]
+                else:
+                    groups = read_batch(TUN_BATCH) if read_batch else [read(RECEIVE_BUFFER)]
+                    if len(groups) == 1:
+                        peer = route(groups[0])
+                        if peer is None:
+                            self._drop("no-route")
+                        else:
+                            send(peer, [groups])
+                        continue
+                    heads = groups
             except Exception:  # TunClosed after stop(), or the device vanished
                 if self._running:
                     log.exception("TUN read failed; the link device stops reading")
                 break
-            if len(packets) == 1:
-                peer = route(packets[0])
-                if peer is None:
-                    self._drop("no-route")
-                else:
-                    send(peer, packets)
-                continue
             # Keep each peer's packets in order and send each peer's share in one batch.
-            by_peer: dict[Peer, list[bytes]] = {}
-            for packet in packets:
-                peer = route(packet)
+            by_peer: dict[Peer, list[Any]] = {}
+            for head, group in zip(heads, groups):  # noqa: B905 (equal by construction)
+                peer = route(head)
                 if peer is None:
                     self._drop("no-route")
                 elif peer in by_peer:
-                    by_peer[peer].append(packet)
+                    by_peer[peer].append(group)
                 else:
-                    by_peer[peer] = [packet]
+                    by_peer[peer] = [group]
             for peer, share in by_peer.items():
-                send(peer, share)
+                send(peer, share if read_groups is not None else [share])
 
-    def _send(self, peer: Peer, packets: list[bytes], keepalive: bool = False) -> None:
-        """Seal and send inner packets (``[b""]`` with ``keepalive``), or stage them and start
-        a handshake when there is no usable session."""
+    def _send(self, peer: Peer, groups: list[Any], keepalive: bool = False) -> None:
+        """Seal and send inner packets (``[[b""]]`` with ``keepalive``), or stage them and
+        start a handshake when there is no usable session. ``groups``: collections of packets
+        (lists, or offload ``Segments`` whose packets are valid one at a time, in order)."""
         now = self._clock()
-        messages: list[bytearray] = []
-        initiate = False
+        count = len(groups[0]) if len(groups) == 1 else sum(map(len, groups))
+        first = -1
         with peer.lock:
             if peer.removed:
                 return
             session = peer.keypairs.sending(now)
             endpoint = peer.endpoint
+            if session is not None and endpoint is not None:
+                try:
+                    first = session.reserve(count, now)
+                except SessionExpired:
+                    session = None
             if session is None or endpoint is None:
                 if not keepalive or not peer.staged:
-                    peer.staged.extend(packets)
+                    peer.staged.extend(bytes(p) for group in groups for p in group)
                 initiate = endpoint is not None
             else:
-                seal = session.seal
-                mtu = self.mtu
-                messages = [seal(packet, now, mtu) for packet in packets]
                 timers = peer.timers
                 timers.on_any_authenticated_packet_traversed(now)
                 timers.on_any_authenticated_packet_sent(now)
                 if not keepalive:
                     timers.on_data_sent(now)
-                    peer.tx_bytes += sum(map(len, packets))
-                    peer.tx_packets += len(packets)
+                    peer.tx_bytes += _inner_bytes(groups)
+                    peer.tx_packets += count
                 initiate = timers.keep_key_fresh_sending(now, session)
-        if messages:
-            if len(messages) == 1:
-                self.transport.sendto(messages[0], endpoint)  # type: ignore[arg-type]
-            else:
-                self.transport.send_batch(messages, endpoint)  # type: ignore[arg-type]
+        if first >= 0:
+            # Outside the lock: the counters are ours alone, so the ACK-receiving thread is
+            # not held up by a 64 KiB super-packet being sealed.
+            self._seal_and_send(session, first, groups, count, endpoint)  # type: ignore[arg-type]
         if initiate:
             self._initiate(peer, now)
+
+    def _seal_and_send(self, session: Session, counter: int, groups: list[Any], count: int,
+                       endpoint: SockAddr) -> None:
+        mtu = self.mtu
+        out = bytearray(_inner_bytes(groups) + count * (MESSAGE_TRANSPORT_SIZE + 16))
+        view = memoryview(out)
+        seal = session.seal_into
+        sizes: list[int] = []
+        pos = 0
+        try:
+            for group in groups:
+                for packet in group:
+                    size = seal(counter, packet, mtu, view[pos:])
+                    sizes.append(size)
+                    pos += size
+                    counter += 1
+        except SessionExpired:
+            self._drop("expired")  # zeroed meanwhile: TCP resends, the timers rehandshake
+        except ValueError:
+            self._drop("too-big")
+        if not sizes:
+            return
+        transport = self.transport
+        if len(sizes) == 1:
+            transport.sendto(view[:pos], endpoint)
+        elif self._send_packed is not None:
+            self._send_packed(view, sizes, endpoint)
+        else:
+            messages, pos = [], 0
+            for size in sizes:
+                messages.append(view[pos : pos + size])
+                pos += size
+            transport.send_batch(messages, endpoint)  # type: ignore[arg-type]
 
     def _send_staged(self, peer: Peer) -> None:
         with peer.lock:
             staged = [p for p in peer.staged if p]
             peer.staged.clear()
         if staged:
-            self._send(peer, staged)
+            self._send(peer, [staged])
         else:
-            self._send(peer, [b""], keepalive=True)
+            self._send(peer, [[b""]], keepalive=True)
 
     def _initiate(self, peer: Peer, now: float, is_retry: bool = False) -> None:
         with self._hs_lock, peer.lock:
@@ -380,9 +448,15 @@ class Device:
         view = memoryview(buf)
         main = io is None
         recv = (self.transport if io is None else io).recv_segments
-        dispatch = self._dispatch
-        write_batch = getattr(self.tun, "write_batch", None) or (
-            lambda packets: [self.tun.write(p) for p in packets])
+        index = self._index
+        clock = self._clock
+        drop = self._drop
+        deliver = self._deliver
+        other = self._dispatch_other
+        tun = self.tun
+        write = tun.write
+        write_batch = getattr(tun, "write_batch", None) or (
+            lambda packets: [write(p) for p in packets])
         while self._running:
             try:
                 n, segment, addr = recv(buf)
@@ -392,24 +466,113 @@ class Device:
                 break
             if n == 0:
                 continue  # a wake-up, or an empty datagram
-            if segment >= n:
-                dispatch(view[:n], addr, None)
-                continue
-            # GRO: several datagrams from one sender, back to back. Their inner packets go to
-            # the TUN device together, so it can merge the segments of a TCP flow.
-            self.gro_batches += 1
-            inner: list[bytes | memoryview] = []
+            if segment < n:
+                self.gro_batches += 1
+            # Open every transport message of the batch (GRO: several datagrams of one sender
+            # back to back), then settle each peer's state once and write the inner packets
+            # together, so the TUN device can merge the segments of a TCP flow.
+            now = clock()
+            inner: list[Buffer] = []
+            after: list[tuple[Peer, bool, bool]] = []
+            peer: Peer | None = None
+            opened: list[tuple[Session, bytes]] = []
+            last_receiver = -1
+            entry: tuple[Peer, Session | None] | None = None
+            data = view[:n]
             for offset in range(0, n, segment):
-                dispatch(view[offset:min(offset + segment, n)], addr, inner)
+                message = data[offset : offset + segment]
+                if (len(message) < MESSAGE_TRANSPORT_SIZE or message[0] != 4
+                        or message[1] | message[2] | message[3]):
+                    other(message, addr)
+                    continue
+                receiver = _U32LE.unpack_from(message, 4)[0]
+                if receiver != last_receiver:
+                    last_receiver = receiver
+                    entry = index.get(receiver)
+                if entry is None or entry[1] is None:
+                    drop("unknown-index")
+                    continue
+                session = entry[1]
+                try:
+                    plaintext = session.open(message, now)
+                except ProtocolError as exc:
+                    drop(exc.reason)
+                    continue
+                if entry[0] is not peer:
+                    if opened:
+                        deliver(peer, opened, addr, now, inner, after)  # type: ignore[arg-type]
+                        opened = []
+                    peer = entry[0]
+                opened.append((session, plaintext))
+            if opened:
+                deliver(peer, opened, addr, now, inner, after)  # type: ignore[arg-type]
             if inner:
-                write_batch(inner)
+                if len(inner) == 1:
+                    write(inner[0])
+                else:
+                    write_batch(inner)
+            for done_peer, confirmed, rekey in after:
+                # After this batch's inner packets are written (staged packets follow them).
+                if confirmed:
+                    self._send_staged(done_peer)
+                if rekey:
+                    self._initiate(done_peer, now)
 
-    def _dispatch(self, data: memoryview, addr: SockAddr,
-                  inner: list[bytes | memoryview] | None) -> None:
-        n = len(data)
-        if n >= MESSAGE_TRANSPORT_SIZE and data[0] == 4 and not (data[1] | data[2] | data[3]):
-            self._receive_transport(data, addr, inner)
-            return
+    def _deliver(self, peer: Peer, opened: list[tuple[Session, bytes]], addr: SockAddr,
+                 now: float, inner: list[Buffer], after: list[tuple[Peer, bool, bool]]
+                 ) -> None:
+        """Authenticated messages of one peer from one batch: check each inner packet (length,
+        cryptokey routing of its source) into ``inner``, then update the peer's sessions,
+        timers, endpoint and counters under one acquisition of its lock."""
+        source_allowed = self.routes.source_allowed
+        rx_bytes = rx_packets = 0
+        data = False
+        sessions: list[Session] = []
+        for session, plaintext in opened:
+            if not sessions or session is not sessions[-1]:
+                sessions.append(session)
+            if not plaintext:
+                continue  # keepalive
+            data = True
+            try:
+                length = inner_length(plaintext)
+            except ProtocolError as exc:
+                self._drop(exc.reason)
+                continue
+            if source_allowed(peer, plaintext):
+                inner.append(plaintext if length == len(plaintext)
+                             else memoryview(plaintext)[:length])
+                rx_bytes += length
+                rx_packets += 1
+            else:
+                self._drop("source")
+        confirmed = False
+        with peer.lock:
+            for session in sessions:
+                was_confirmed, dropped = peer.keypairs.received_with(session)
+                if dropped:
+                    self._release(dropped)
+                confirmed = confirmed or was_confirmed
+            timers = peer.timers
+            if confirmed:
+                timers.on_handshake_complete(now)
+                peer.handshakes += 1
+                peer.last_handshake_wall = self._wall()
+            if addr != peer.endpoint:
+                peer.endpoint = addr  # roaming: only an authenticated packet moves it
+                peer.endpoint_changes += 1
+            timers.on_any_authenticated_packet_received(now)
+            timers.on_any_authenticated_packet_traversed(now)
+            if data:
+                timers.on_data_received(now)
+            rekey = timers.keep_key_fresh_receiving(now, peer.keypairs.current)
+            peer.rx_bytes += rx_bytes
+            peer.rx_packets += rx_packets
+        if confirmed or rekey:
+            after.append((peer, confirmed, rekey))
+
+    def _dispatch_other(self, data: memoryview, addr: SockAddr) -> None:
+        """A datagram that is not a transport message: handshake, STUN, or junk."""
         message = bytes(data)
         kind = classify(message)
         if kind is DatagramKind.WIREGUARD:
@@ -421,61 +584,6 @@ class Device:
             self.on_stun(message, addr)
         else:
             self._drop("malformed")
-
-    def _receive_transport(self, message: memoryview, addr: SockAddr,
-                           inner: list[bytes | memoryview] | None = None) -> None:
-        receiver = int.from_bytes(message[4:8], "little")
-        entry = self._index.get(receiver)
-        if entry is None or entry[1] is None:
-            self._drop("unknown-index")
-            return
-        peer, session = entry
-        now = self._clock()
-        try:
-            plaintext = session.open(message, now)
-        except ProtocolError as exc:
-            self._drop(exc.reason)
-            return
-        # Authenticated from here on.
-        with peer.lock:
-            confirmed, dropped = peer.keypairs.received_with(session)
-            if dropped:
-                self._release(dropped)
-            timers = peer.timers
-            if confirmed:
-                timers.on_handshake_complete(now)
-                peer.handshakes += 1
-                peer.last_handshake_wall = self._wall()
-            if addr != peer.endpoint:
-                peer.endpoint = addr  # roaming: only an authenticated packet moves it
-                peer.endpoint_changes += 1
-            timers.on_any_authenticated_packet_received(now)
-            timers.on_any_authenticated_packet_traversed(now)
-            if plaintext:
-                timers.on_data_received(now)
-            rekey = timers.keep_key_fresh_receiving(now, peer.keypairs.current)
-        if plaintext:
-            try:
-                length = inner_length(plaintext)
-            except ProtocolError as exc:
-                self._drop(exc.reason)
-                length = 0
-            if length:
-                if self.routes.source_allowed(peer, plaintext):
-                    packet = (plaintext if length == len(plaintext)
-                              else memoryview(plaintext)[:length])
-                    if inner is None:
-                        self.tun.write(packet)
-                    else:
-                        inner.append(packet)
-                    peer.rx_bytes += length
-                    peer.rx_packets += 1
-                else:
-                    self._drop("source")
-        if confirmed:
-            self._send_staged(peer)
-        if rekey:
-            self._initiate(peer, now)
 
     # --- handshakes ------------------------------------------------------------------------
 

@@ -37,7 +37,6 @@ from socialvpn.link.constants import (
     MESSAGE_TRANSPORT_TYPE,
     PADDING_MULTIPLE,
     REJECT_AFTER_MESSAGES,
-    TAG_SIZE,
     LinkTimers,
 )
 
@@ -196,26 +195,50 @@ class Session:
         The plaintext is zero-padded to a multiple of 16 (not beyond ``mtu`` if given). Raises
         :class:`SessionExpired` when the session is too old or its counter is used up.
         """
-        sender = self._sender
-        counter = self.send_counter
-        if sender is None or now - self.created >= self.reject_after_time:
-            raise SessionExpired("session too old to send")
-        if counter >= self.limit:
-            raise SessionExpired("session send counter exhausted")
         size = len(plaintext)
         if size > MAX_CONTENT_SIZE:
             raise ValueError(f"inner packet larger than {MAX_CONTENT_SIZE} bytes")
-        self.send_counter = counter + 1
-        padded = padded_size(size, mtu)
-        out = bytearray(MESSAGE_TRANSPORT_HEADER_SIZE + padded + TAG_SIZE)
-        _HEADER.pack_into(out, 0, MESSAGE_TRANSPORT_TYPE, self.remote_index, counter)
-        if padded != size:
-            pad = padded - size
-            plaintext = bytes(plaintext) + (_ZEROS[:pad] if pad <= PADDING_MULTIPLE else bytes(pad))
-        sender.encrypt_into(
-            _NONCE.pack(counter), plaintext, None, memoryview(out)[MESSAGE_TRANSPORT_HEADER_SIZE:]
-        )
+        counter = self.reserve(1, now)
+        out = bytearray(MESSAGE_TRANSPORT_SIZE + padded_size(size, mtu))
+        self.seal_into(counter, plaintext, mtu, memoryview(out))
         return out
+
+    def reserve(self, count: int, now: float) -> int:
+        """Take ``count`` consecutive send counters and return the first. Each is sealed once
+        with :meth:`seal_into` (which may then run outside the caller's lock: a counter, hence
+        a nonce, is never handed out twice). Raises :class:`SessionExpired` when the session is
+        too old or fewer than ``count`` counters are left."""
+        counter = self.send_counter
+        if self._sender is None or now - self.created >= self.reject_after_time:
+            raise SessionExpired("session too old to send")
+        if counter + count > self.limit:
+            raise SessionExpired("session send counter exhausted")
+        self.send_counter = counter + count
+        return counter
+
+    def seal_into(self, counter: int, plaintext: Buffer, mtu: int, out: memoryview) -> int:
+        """Seal ``plaintext`` with a counter from :meth:`reserve` into the start of ``out``
+        (at least ``MESSAGE_TRANSPORT_SIZE + padded_size(len(plaintext), mtu)`` bytes); return
+        the message size. Raises :class:`SessionExpired` if the session was zeroed since."""
+        sender = self._sender
+        if sender is None:
+            raise SessionExpired("session zeroed")
+        size = len(plaintext)
+        if size > MAX_CONTENT_SIZE:
+            raise ValueError(f"inner packet larger than {MAX_CONTENT_SIZE} bytes")
+        if size == mtu or (size < mtu and not size & 15):
+            padded = size  # the common cases, without the general rule below
+        else:
+            padded = padded_size(size, mtu)
+            if padded != size:
+                pad = padded - size
+                plaintext = bytes(plaintext) + (_ZEROS[:pad] if pad <= PADDING_MULTIPLE
+                                                else bytes(pad))
+        end = MESSAGE_TRANSPORT_SIZE + padded
+        _HEADER.pack_into(out, 0, MESSAGE_TRANSPORT_TYPE, self.remote_index, counter)
+        sender.encrypt_into(_NONCE.pack(counter), plaintext, None,
+                            out[MESSAGE_TRANSPORT_HEADER_SIZE:end])
+        return end
 
     def open(self, message: Buffer, now: float) -> bytes:
         """Authenticate and decrypt a type-4 message; return the (padded) inner packet.

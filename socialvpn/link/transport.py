@@ -41,6 +41,8 @@ class DatagramIO(Protocol):
 
     def send_batch(self, messages: list[bytearray], addr: SockAddr) -> None: ...
 
+    # Optional, used when present: ``send_packed(buf, sizes, addr)`` (see UdpTransport).
+
     def sockaddr(self, host: str, port: int) -> SockAddr: ...
 
     def wake(self) -> None: ...
@@ -176,6 +178,44 @@ class UdpTransport:
                     else:
                         name = errno.errorcode.get(exc.errno or 0, "OSError")
                         self.errors[name] = self.errors.get(name, 0) + 1
+            i = j
+
+    def send_packed(self, buf: memoryview, sizes: list[int], addr: SockAddr) -> None:
+        """Send datagrams laid back to back in ``buf`` (``sizes`` in order) to one destination:
+        each run of equal sizes (the last of a run may be shorter) is one GSO ``sendmsg`` of
+        one contiguous buffer, so the kernel gets no per-datagram iovec or Python object."""
+        count = len(sizes)
+        if not self.gso or count == 1:
+            pos = 0
+            for size in sizes:
+                self.sendto(buf[pos : pos + size], addr)
+                pos += size
+            return
+        i = pos = 0
+        sendmsg = self.sock.sendmsg
+        while i < count:
+            size = sizes[i]
+            j = i + 1
+            limit = min(count, i + GSO_MAX_SEGMENTS, i + max(1, GSO_MAX_BYTES // size))
+            while j < limit and sizes[j] == size:
+                j += 1
+            if j < limit and sizes[j] < size:
+                j += 1  # a shorter last segment may close the run
+            end = pos + size * (j - i - 1) + sizes[j - 1]
+            if j - i == 1:
+                self.sendto(buf[pos:end], addr)
+            else:
+                try:
+                    sendmsg((buf[pos:end],), [(SOL_UDP, UDP_SEGMENT, _GSO_SIZE.pack(size))], 0,
+                            addr)
+                except OSError as exc:
+                    if exc.errno in (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP):
+                        self.gso = False  # no GSO on this path: plain sends from now on
+                        self.send_packed(buf[pos:], sizes[i:], addr)
+                        return
+                    name = errno.errorcode.get(exc.errno or 0, "OSError")
+                    self.errors[name] = self.errors.get(name, 0) + 1
+            pos = end
             i = j
 
     def wake(self) -> None:

@@ -20,7 +20,7 @@ integer of the bytes modulo 0xFFFF (as 2^16 ≡ 1), which CPython computes at C 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 VNET_HDR = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_off
 VNET_HDR_LEN = VNET_HDR.size  # 10
@@ -85,42 +85,76 @@ def ipv4_header_checksum(header: bytearray) -> None:
 
 # --- TUN → wire ----------------------------------------------------------------------------
 
-
-def split(frame: Buffer) -> list[Buffer]:
-    """A TUN read with its virtio header → wire-ready IP packets (see module doc)."""
-    if len(frame) < VNET_HDR_LEN + 20:
-        raise OffloadError("frame shorter than a virtio header and an IP header")
-    flags, gso_type, _hdr_len, gso_size, csum_start, csum_offset = VNET_HDR.unpack_from(frame)
-    packet = memoryview(frame)[VNET_HDR_LEN:]
-    kind = gso_type & ~GSO_ECN
-    if kind == GSO_NONE:
-        if flags & F_NEEDS_CSUM:
-            return [_complete_checksum(packet, csum_start, csum_offset)]
-        return [packet]
-    if kind not in (GSO_TCPV4, GSO_TCPV6) or gso_size <= 0:
-        raise OffloadError(f"unsupported GSO type {gso_type}")
-    return _segment_tcp(packet, gso_size)
+_U16 = struct.Struct("!H")
+_U32 = struct.Struct("!I")
 
 
-def _complete_checksum(packet: memoryview, start: int, offset: int) -> bytes:
-    """The kernel left the L4 checksum partial (pseudo-header sum in place): finish it."""
-    end = start + offset + 2
-    if start < 20 or end > len(packet):
-        raise OffloadError("checksum offsets outside the packet")
-    out = bytearray(packet)
-    value = checksum(memoryview(out)[start:])
-    if value == 0 and out[9 if out[0] >> 4 == 4 else 6] == PROTO_UDP:
-        value = 0xFFFF  # UDP: 0 means "no checksum"
-    out[start + offset:end] = value.to_bytes(2, "big")
-    return bytes(out)
+def _fold(value: int) -> int:
+    """Fold a non-negative sum of 16-bit words to 16 bits (end-around carry)."""
+    while value >> 16:
+        value = (value & 0xFFFF) + (value >> 16)
+    return value
 
 
-def _segment_tcp(packet: memoryview, mss: int) -> list[Buffer]:
+class Segments:
+    """The wire-ready IP packets of one TUN read, made lazily and **in place** in ``frame``.
+
+    ``len()`` is the number of packets, :attr:`nbytes` their total size, :attr:`head` a view of
+    the first IP header (for routing). Iterating yields memoryviews into ``frame``; a TSO
+    segment's headers are written over the tail of the previous segment's payload, so **each
+    view is valid only until the next one is requested** (consume it - seal, copy - first).
+    Iterate once. ``frame`` must be writable (a ``bytearray`` the reader owns)."""
+
+    __slots__ = ("_frame", "_mss", "_csum", "count", "head", "nbytes")
+
+    def __init__(self, frame: bytearray | memoryview, length: int | None = None) -> None:
+        n = len(frame) if length is None else length
+        if n < VNET_HDR_LEN + 20:
+            raise OffloadError("frame shorter than a virtio header and an IP header")
+        view = memoryview(frame)[:n]
+        flags, gso_type, _hdr_len, gso_size, csum_start, csum_offset = VNET_HDR.unpack_from(view)
+        self._frame = view
+        self._csum = (csum_start, csum_offset) if flags & F_NEEDS_CSUM else None
+        kind = gso_type & ~GSO_ECN
+        packet = view[VNET_HDR_LEN:]
+        if kind == GSO_NONE:
+            if self._csum is not None and (csum_start < 20 or
+                                           csum_start + csum_offset + 2 > len(packet)):
+                raise OffloadError("checksum offsets outside the packet")
+            self._mss = 0
+            self.count = 1
+            self.nbytes = len(packet)
+            self.head = packet
+            return
+        if kind not in (GSO_TCPV4, GSO_TCPV6) or gso_size <= 0:
+            raise OffloadError(f"unsupported GSO type {gso_type}")
+        ihl, thl = _tcp_headers(packet)
+        total = len(packet) - ihl - thl
+        self._mss = gso_size
+        self.count = max(1, -(-total // gso_size))
+        self.nbytes = total + self.count * (ihl + thl)
+        self.head = packet[: ihl + thl]
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[memoryview]:
+        packet = self._frame[VNET_HDR_LEN:]
+        if not self._mss:
+            if self._csum is not None:
+                _complete_in_place(packet, *self._csum)
+            return iter((packet,))
+        return _tso_segments(self._frame, self._mss)
+
+
+def _tcp_headers(packet: memoryview) -> tuple[int, int]:
     version = packet[0] >> 4
     if version == 4:
         ihl = (packet[0] & 0x0F) * 4
         if packet[9] != PROTO_TCP:
             raise OffloadError("TSO for a packet that is not TCP")
+        if ihl < 20:
+            raise OffloadError("bad IPv4 header length")
     elif version == 6:
         ihl = 40
         if packet[6] != PROTO_TCP:
@@ -130,49 +164,84 @@ def _segment_tcp(packet: memoryview, mss: int) -> list[Buffer]:
     if len(packet) < ihl + 20:
         raise OffloadError("truncated TCP header")
     thl = (packet[ihl + 12] >> 4) * 4
-    hdr_len = ihl + thl
-    if thl < 20 or len(packet) < hdr_len:
+    if thl < 20 or len(packet) < ihl + thl:
         raise OffloadError("truncated TCP header")
-    payload = packet[hdr_len:]
-    total = len(payload)
-    if total <= mss:
-        head = bytearray(packet[:hdr_len])
-        return [_finish_segment(head, payload, version, ihl, None, 0, True, True)]
-    seq0 = int.from_bytes(packet[ihl + 4 : ihl + 8], "big")
-    ident = int.from_bytes(packet[4:6], "big") if version == 4 else 0
-    template = bytes(packet[:hdr_len])
-    out: list[Buffer] = []
-    for i, off in enumerate(range(0, total, mss)):
-        head = bytearray(template)
-        head[ihl + 4 : ihl + 8] = ((seq0 + off) & 0xFFFFFFFF).to_bytes(4, "big")
-        last = off + mss >= total
-        out.append(_finish_segment(head, payload[off : off + mss], version, ihl,
-                                   (ident + i) & 0xFFFF, i, last, False))
-    return out
+    return ihl, thl
 
 
-def _finish_segment(head: bytearray, payload: Buffer, version: int, ihl: int,
-                    ident: int | None, index: int, last: bool, whole: bool) -> bytes:
-    tcp_len = len(head) - ihl + len(payload)
+def _complete_in_place(packet: memoryview, start: int, offset: int) -> None:
+    """The kernel left the L4 checksum partial (pseudo-header sum in place): finish it."""
+    value = ~ones_sum(packet[start:]) & 0xFFFF
+    if value == 0 and packet[9 if packet[0] >> 4 == 4 else 6] == PROTO_UDP:
+        value = 0xFFFF  # UDP: 0 means "no checksum"
+    _U16.pack_into(packet, start + offset, value)
+
+
+def _tso_segments(frame: memoryview, mss: int) -> Iterator[memoryview]:
+    """Cut a TSO super-packet (``frame``: virtio header + IP packet) into MSS segments with
+    their own IP/TCP headers and checksums, each built in place right before its payload."""
+    base = VNET_HDR_LEN
+    version = frame[base] >> 4
+    ihl, thl = _tcp_headers(frame[base:])
+    hdr_len = ihl + thl
+    end = len(frame)
+    template = bytearray(frame[base : base + hdr_len])
+    seq0 = _U32.unpack_from(template, ihl + 4)[0]
+    flags0 = template[ihl + 13]
+    template[ihl + TCP_CHECK : ihl + TCP_CHECK + 2] = b"\0\0"
     if version == 4:
-        head[2:4] = (ihl + tcp_len).to_bytes(2, "big")
-        if ident is not None:
-            head[4:6] = ident.to_bytes(2, "big")
-        ipv4_header_checksum(memoryview(head)[:ihl])  # type: ignore[arg-type]
+        ident0 = _U16.unpack_from(template, 4)[0]
+        template[2:6] = b"\0\0\0\0"  # total length, identification: set per segment
+        template[10:12] = b"\0\0"
+        ip_sum = ones_sum(template[:ihl])
+        pseudo = ones_sum(template[12:20]) + PROTO_TCP
     else:
-        head[4:6] = tcp_len.to_bytes(2, "big")
-    if not whole:
-        flags = head[ihl + 13]
-        if not last:
-            flags &= ~(TCP_FIN | TCP_PSH)
+        ident0 = ip_sum = 0
+        pseudo = ones_sum(template[8:40]) + PROTO_TCP
+    tcp_off = ihl
+    seq_at = ihl + 4
+    flags_at = ihl + 13
+    csum_at = ihl + TCP_CHECK
+    pack16 = _U16.pack_into
+    pack32 = _U32.pack_into
+    first_flags = flags0 & ~(TCP_FIN | TCP_PSH)
+    mid_flags = first_flags & ~TCP_CWR
+    payload0 = base + hdr_len
+    off = 0
+    index = 0
+    while True:
+        start = payload0 + off - hdr_len  # where this segment's headers go
+        seg_end = min(start + hdr_len + mss, end)
+        last = seg_end >= end
         if index:
-            flags &= ~TCP_CWR
-        head[ihl + 13] = flags
-    head[ihl + TCP_CHECK : ihl + TCP_CHECK + 2] = b"\0\0"
-    pseudo = _pseudo(head, version, PROTO_TCP, tcp_len)
-    value = checksum(pseudo, memoryview(head)[ihl:], payload)
-    head[ihl + TCP_CHECK : ihl + TCP_CHECK + 2] = value.to_bytes(2, "big")
-    return bytes(head) + bytes(payload)
+            frame[start : start + hdr_len] = template
+            pack32(frame, start + seq_at, (seq0 + off) & 0xFFFFFFFF)
+            flags = (flags0 & ~TCP_CWR) if last else mid_flags
+        else:
+            frame[start : start + hdr_len] = template  # checksums and lengths cleared
+            flags = flags0 if last else first_flags
+        frame[start + flags_at] = flags
+        tcp_len = seg_end - start - ihl
+        if version == 4:
+            ident = (ident0 + index) & 0xFFFF
+            pack16(frame, start + 2, ihl + tcp_len)
+            pack16(frame, start + 4, ident)
+            pack16(frame, start + 10, ~_fold(ip_sum + ihl + tcp_len + ident) & 0xFFFF)
+        else:
+            pack16(frame, start + 4, tcp_len)
+        value = _fold(ones_sum(frame[start + tcp_off : seg_end]) + pseudo + tcp_len)
+        pack16(frame, start + csum_at, ~value & 0xFFFF)
+        yield frame[start:seg_end]
+        if last:
+            return
+        off += mss
+        index += 1
+
+
+def split(frame: Buffer) -> list[Buffer]:
+    """A TUN read with its virtio header → wire-ready IP packets (see module doc), copied out
+    of ``frame`` (the packet path uses :class:`Segments`, which works in place)."""
+    return [bytes(p) for p in Segments(bytearray(frame))]
 
 
 # --- wire → TUN ----------------------------------------------------------------------------

@@ -60,6 +60,8 @@ TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04
 
 DEFAULT_BATCH = 64
+FRAME_BUFFER = 65536 + 64
+"""Room for the largest frame a TUN with offloads hands out (virtio header + 64 KiB packet)."""
 """Most packets :meth:`TunDevice.read_batch` returns per call."""
 
 _IFNAME_RE = re.compile(r"[A-Za-z0-9_.\-]+")
@@ -139,6 +141,7 @@ class TunDevice:
         self.offloads = offloads
         """True when reads may be TSO super-packets and writes GSO ones (virtio headers)."""
         self._pending: deque[_Buffer] = deque()  # segments of a split super-packet
+        self._read_bufs: list[bytearray] = []  # read_groups' frames, reused call to call
         self.dropped_reads = 0
         """Frames from the kernel that could not be segmented."""
         self.super_reads = 0
@@ -298,6 +301,51 @@ class TunDevice:
         packets: list[bytes] = list(self._pending)  # type: ignore[arg-type]
         self._pending.clear()
         return packets
+
+    def read_groups(self, max_reads: int = DEFAULT_BATCH) -> list[offload.Segments]:
+        """Offloads only: block for one read from the kernel, then take up to ``max_reads - 1``
+        more that are queued; each read becomes one :class:`~.offload.Segments` (its packets,
+        made lazily in place, share one destination).
+
+        For **one reader thread**: the reads land in buffers this device owns and reuses, so
+        the groups and their packets are valid only until the next call."""
+        bufs = self._read_bufs
+        while len(bufs) < max_reads:
+            bufs.append(bytearray(FRAME_BUFFER))
+        fd = self._fd
+        readv = os.readv
+        while True:
+            try:
+                n = readv(fd, (bufs[0],))
+            except BlockingIOError:
+                self._wait()
+                continue
+            except OSError as exc:
+                raise self._gone(exc) from exc
+            if n:
+                break
+            self._empty_read()
+        groups: list[offload.Segments] = []
+        i = 0
+        while True:
+            try:
+                group = offload.Segments(bufs[i], n)
+            except offload.OffloadError:
+                self.dropped_reads += 1
+            else:
+                if group.count > 1:
+                    self.super_reads += 1
+                groups.append(group)
+            i += 1
+            if i >= max_reads:
+                break
+            try:
+                n = readv(fd, (bufs[i],))
+            except OSError:
+                break  # queue drained (EAGAIN) or device gone: the next call reports the latter
+            if not n:
+                break
+        return groups
 
     def _wait(self) -> None:
         """Sleep until the TUN descriptor or the self-pipe is readable (or in error)."""

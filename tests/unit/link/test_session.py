@@ -205,3 +205,46 @@ def test_keypairs_rotation_like_wireguard_go() -> None:
     assert b_pairs.current is a4 and b_pairs.next is None
     assert {id(s) for s in b_pairs.clear()} == {id(a4), id(b3)}
     assert list(b_pairs) == []
+
+
+def test_reserve_hands_out_each_counter_once_and_respects_the_limit() -> None:
+    timers = LinkTimers(rekey_after_messages=5, reject_after_messages=10)
+    a, b = _pair(timers)
+    assert a.reserve(4, MONO0) == 0
+    assert a.reserve(3, MONO0) == 4
+    with pytest.raises(SessionExpired):
+        a.reserve(4, MONO0)  # only 3 left: nothing is taken
+    assert a.send_counter == 7
+    assert a.reserve(3, MONO0) == 7
+    with pytest.raises(SessionExpired):
+        a.reserve(1, MONO0)
+    c, _ = _pair()
+    with pytest.raises(SessionExpired):
+        c.reserve(1, MONO0 + REJECT_AFTER_TIME)
+    c.zero()
+    with pytest.raises(SessionExpired):
+        c.reserve(1, MONO0)
+
+
+@pytest.mark.parametrize("mtu", [0, 1380, 1420])
+def test_seal_into_back_to_back(mtu: int) -> None:
+    """Back-to-back messages in one buffer, each opening to the padded plaintext, for sizes
+    where padding takes the fast path and where it does not."""
+    a, b = _pair()
+    sizes = [0, 1, 15, 16, 17, 52, 1379, 1380, 1381, 1400, 1420, 1421]
+    first = a.reserve(len(sizes), MONO0)
+    out = bytearray(sum(sizes) + 48 * len(sizes))
+    view = memoryview(out)
+    pos = 0
+    for i, size in enumerate(sizes):
+        plain = bytes([i + 1]) * size
+        n = a.seal_into(first + i, plain, mtu, view[pos:])
+        assert n == 32 + padded_size(size, mtu)
+        message = bytes(view[pos : pos + n])
+        assert packet.unpack_transport(message).counter == first + i
+        opened = b.open(message, MONO0)
+        assert opened[:size] == plain and opened[size:] == bytes(len(opened) - size)
+        pos += n
+    a.zero()
+    with pytest.raises(SessionExpired):
+        a.seal_into(first, b"x", mtu, view)

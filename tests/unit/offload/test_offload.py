@@ -176,3 +176,49 @@ def test_split_then_coalesce_round_trip(count: int, mss: int, tail: int, v6: boo
     rebuilt = b"".join(b"".join(bytes(x) for x in w[2:]) if len(w) > 2 else bytes(w[1])[hdr_len:]
                        for w in writes)
     assert rebuilt == payload
+
+
+@given(st.integers(0, 30), st.integers(100, 1400), st.integers(0, 1399), st.booleans(),
+       st.sampled_from([0x10, 0x18, 0x19, 0x98]), st.booleans())
+@settings(max_examples=200, deadline=None)
+def test_segments_in_place_match_their_sizes(count: int, mss: int, tail: int, v6: bool,
+                                             flags: int, options: bool) -> None:
+    """Segments made in place: len() and nbytes are what iterating gives, each segment is
+    valid while it is the current one, and the payload comes back whole and in order."""
+    payload = bytes((i * 13) & 0xFF for i in range(count * mss + tail % mss))
+    opts = b"\x01\x01\x08\x0a" + bytes(8) if options else b""
+    packet = tcp_packet(payload, v6=v6, partial=True, flags=flags, options=opts)
+    ihl = 40 if v6 else 20
+    hdr_len = ihl + 20 + len(opts)
+    vnet = VNET_HDR.pack(F_NEEDS_CSUM, GSO_TCPV6 if v6 else GSO_TCPV4, hdr_len, mss, ihl, 16)
+    frame = bytearray(vnet + packet)
+    group = offload.Segments(frame)
+    assert bytes(group.head) == packet[:hdr_len]
+    seen = []
+    for view in group:
+        segment = bytes(view)  # consumed before the next one is made
+        assert tcp_valid(segment)
+        seen.append(segment)
+    assert len(seen) == len(group) == max(1, -(-len(payload) // mss))
+    assert sum(map(len, seen)) == group.nbytes
+    assert b"".join(s[hdr_len:] for s in seen) == payload
+    assert seen[-1][ihl + 13] & 0x08 == flags & 0x08  # PSH (and FIN) stay on the last only
+    assert all(s[ihl + 13] & 0x09 == 0 for s in seen[:-1])
+
+
+def test_segments_of_a_frame_read_into_a_larger_buffer() -> None:
+    """read_groups gives Segments a reused buffer and the length read."""
+    packet = tcp_packet(b"q" * 3000, partial=True)
+    vnet = VNET_HDR.pack(F_NEEDS_CSUM, GSO_TCPV4, 40, 1000, 20, 16)
+    buf = bytearray(65600)
+    frame = vnet + packet
+    buf[: len(frame)] = frame
+    group = offload.Segments(buf, len(frame))
+    assert len(group) == 3 and group.nbytes == 3000 + 3 * 40
+    segs = [bytes(v) for v in group]
+    assert [len(s) for s in segs] == [1040] * 3 and all(tcp_valid(s) for s in segs)
+    single = offload.Segments(bytearray(VNET_HDR.pack(F_NEEDS_CSUM, GSO_NONE, 0, 0, 20, 16)
+                                        + tcp_packet(b"hi", partial=True)))
+    assert len(single) == 1
+    (only,) = [bytes(v) for v in single]
+    assert tcp_valid(only)
