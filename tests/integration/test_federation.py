@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.kit.agents import AgentProc, befriend, wait_for
+from tests.kit.ca import unknown_ca_server_cert
 from tests.kit.internet import NETNS_ETC, Internet
 from tests.kit.netns import NetLab
 
@@ -76,3 +77,22 @@ def test_group_across_two_federated_servers(netns_factory: NetLab, test_ca, tmp_
             assert f"Accepting SASL EXTERNAL identity from {other}" in log, log[-3000:]
             assert "Stream encrypted (TLSv1.3" in log
     assert not any(d.exists() for d in etc_dirs)
+
+
+def test_server_with_untrusted_certificate_is_refused(netns_factory: NetLab, test_ca,
+                                                      tmp_path: Path):
+    """s2s_secure_auth really verifies: b.test serving a certificate from a CA a.test does not
+    trust gets no s2s session, so alice's friend request never leaves a.test."""
+    rogue = unknown_ca_server_cert(tmp_path / "rogue", ["b.test"])
+    with Internet(netns_factory, tmp_path, test_ca, domains=("a.test", "b.test"),
+                  certs={"b.test": rogue}) as net:
+        alice = net.agent("alice", net.site("alice"), domain="a.test")
+        alice.wait_connected(timeout=20)
+        alice.json("friend", "add", "bob@b.test")
+        a_log = net.servers["a.test"]
+        refused = ("Forbidding insecure connection to/from b.test because its certificate is "
+                   "not trusted")
+        wait_for(lambda: refused in a_log.log_tail(400), 15, "a.test to refuse b.test",
+                 lambda: a_log.log_tail(60))
+        log = a_log.log_tail(100000)
+        assert "Outgoing s2s connection a.test->b.test complete" not in log, log[-3000:]

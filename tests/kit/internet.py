@@ -4,7 +4,8 @@ site namespaces (optionally behind NAT routers). ``with Internet(lab, tmp, ca) a
 the servers; leaving the block stops every agent and server it started, also on failure.
 
 The XMPP server is pluggable: ``server="prosody"`` (default) or ``server="ejabberd"``.
-``domains=("a.test", "b.test")`` makes a federation instead: one Prosody per domain, each on its
+``domains=("a.test", "b.test")`` makes a federation instead (``certs`` may give a domain's
+server another certificate, e.g. from a CA nobody trusts): one Prosody per domain, each on its
 own address of ``pub`` (198.18.0.1, 198.18.0.2, ...) with c2s on 5222 and s2s on 5269 over TLS
 with certificate verification (``s2s_secure_auth``). Names resolve through per-namespace hosts
 files (``/etc/netns/<ns>/hosts``, which ``ip netns exec`` bind-mounts over ``/etc/hosts``),
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 from tests.kit.agents import AgentProc
-from tests.kit.ca import ThrowawayCA
+from tests.kit.ca import CertFiles, ThrowawayCA
 from tests.kit.coturn import Coturn
 from tests.kit.ejabberd import Ejabberd
 from tests.kit.netns import NatKind, NetLab, Site, Topology
@@ -65,7 +66,8 @@ def remove_netns_etc(netns: str) -> None:
 class Internet:
     def __init__(self, lab: NetLab, tmp: Path, ca: ThrowawayCA, *,
                  prosody_log: str = "info", server: ServerKind = "prosody",
-                 domains: tuple[str, ...] | None = None) -> None:
+                 domains: tuple[str, ...] | None = None,
+                 certs: dict[str, CertFiles] | None = None) -> None:
         self.lab = lab
         self.tmp = tmp
         self.ca = ca
@@ -87,7 +89,7 @@ class Internet:
             for domain, address in self.names.items():
                 self.servers[domain] = Prosody(
                     tmp / f"prosody-{domain}", domain=domain, netns=self.topo.pub, host=address,
-                    port=C2S_PORT, s2s_port=S2S_PORT, ca=ca,
+                    port=C2S_PORT, s2s_port=S2S_PORT, ca=ca, cert=(certs or {}).get(domain),
                     log_level=prosody_log)  # type: ignore[arg-type]
         elif server == "ejabberd":
             self.servers[domains[0]] = Ejabberd(tmp / "ejabberd", domain=domains[0], ca=ca,
