@@ -48,10 +48,13 @@ function clock(ts) {
   return new Date(ts * 1000).toLocaleTimeString([], { hour12: false });
 }
 
+let flashTimer = null;
 function flash(text, error) {
   const el = document.getElementById("flash");
   el.textContent = text;
   el.classList.toggle("error", !!error);
+  clearTimeout(flashTimer);
+  if (text && !error) flashTimer = setTimeout(() => { el.textContent = ""; }, 10000);
 }
 
 function dl(id, pairs) {
