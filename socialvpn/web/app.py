@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import html
+import inspect
 import json
 import logging
 import os
@@ -37,7 +38,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
+from aiohttp import web, web_runner
 
 from ..errors import APIError
 from . import dashboard, metrics
@@ -66,6 +67,11 @@ SECURITY_HEADERS = {
     "Cross-Origin-Opener-Policy": "same-origin",
     "Cross-Origin-Resource-Policy": "same-origin",
 }
+# Open event streams end when the server stops; older aiohttp takes no runner-level timeout.
+_RUNNER_KW: dict[str, Any] = (
+    {"shutdown_timeout": 2.0}
+    if "shutdown_timeout" in inspect.signature(web_runner.BaseRunner.__init__).parameters
+    else {})
 _SMALL_INT = re.compile(r"[0-9]{1,18}")
 _AGENT_KEY = web.AppKey("agent", object)
 _SESSION: Any = (web.RequestKey("session", object)  # type: ignore[attr-defined]
@@ -471,7 +477,7 @@ class APIServer:
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
         self._runner = web.AppRunner(self._app, access_log=None, handle_signals=False,
-                                     shutdown_timeout=2.0)
+                                     **_RUNNER_KW)
         await self._runner.setup()
         old = os.umask(0o177)
         try:
