@@ -272,6 +272,13 @@ function drawGroups() {
         h("p", { class: "hint", text: "Compare the owner key fingerprint with the owner by another channel." }),
         table("Members of " + g.name, ["Member", "Device", "IPv4", "IPv6", "Presence", ""], rows),
       ];
+      const joins = d && d.join_requests ? d.join_requests : [];
+      if (owner && joins.length) {
+        parts.push(h("h4", { text: "Asking to join" }), table("Join requests for " + g.name,
+          ["From", "Device", "Received", "Decide"],
+          joins.map((j) => ({ attrs: { "data-join": j.jid }, cells: [j.jid, j.device ? j.device.name : "–",
+            ago(j.received_at), decideButtons(j.jid + " joining " + g.name, { jid: j.jid, group: g.name })] }))));
+      }
       if (owner) {
         parts.push(h("form", { class: "inline", autocomplete: "off", "data-invite": g.name,
           onsubmit: (e) => {
