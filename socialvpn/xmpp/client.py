@@ -215,6 +215,17 @@ class XmppClient:
         self._backoff.reset()
         self._wake.set()
 
+    def network_changed(self, addresses: frozenset[str]) -> None:
+        """The host's addresses changed (net/monitor.py): a session whose socket sits on an
+        address that is gone can never recover, so drop it now rather than after the ping
+        timeout; the usual backoff then reconnects from the new address."""
+        xmpp = self._xmpp
+        transport = xmpp.transport if xmpp is not None else None
+        name = transport.get_extra_info("sockname") if transport is not None else None
+        if name and name[0] not in addresses and not name[0].startswith(("127.", "::1")):
+            log.info("XMPP session was on %s, which is gone: reconnecting", name[0])
+            xmpp.abort()  # type: ignore[union-attr]
+
     @property
     def connected(self) -> bool:
         return self.status.state == XmppState.CONNECTED
