@@ -19,7 +19,7 @@ from tests.kit.netns import list_netns
 pytestmark = pytest.mark.integration
 
 METRICS = {"tcp1_mbps", "tcp4_mbps", "udp_rx_mbps", "udp_loss_percent", "rtt_ms",
-           "cpu_s_per_gb", "tcp1_retransmits", "underlay_bytes_per_packet"}
+           "rtt_avg_ms", "cpu_s_per_gb", "tcp1_retransmits", "underlay_bytes_per_packet"}
 
 
 def test_quick_bench_writes_json_and_markdown(tmp_path: Path) -> None:
