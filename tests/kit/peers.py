@@ -1,7 +1,8 @@
 """Other VPNs to measure against, each as a pair of endpoints in two namespaces of the kit.
 
 * :func:`tinc_pair` — tinc 1.0 in router mode (TUN), RSA keys made per run, tinc's default
-  data cipher (Blowfish-CBC, HMAC-SHA1 truncated to 4 bytes) over UDP;
+  data cipher (Blowfish-CBC, HMAC-SHA1 truncated to 4 bytes) over UDP (``PMTUDiscovery = no``:
+  otherwise the first seconds of bulk data go over tinc's TCP meta connection);
 * :func:`openvpn_pair` — OpenVPN 2.6 point-to-point in TLS mode (``--tls-server`` /
   ``--tls-client``, self-signed certificates pinned with ``--peer-fingerprint``), data
   channel AES-256-GCM only
@@ -40,7 +41,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from tests.kit.netns import Netns
 
 INNER_MTU = 1380
-TINC_CIPHER = "Blowfish-CBC + HMAC-SHA1/32 (tinc 1.0 defaults: Cipher, Digest, MACLength unset)"
+TINC_CIPHER = ("Blowfish-CBC + HMAC-SHA1/32 (tinc 1.0 defaults: Cipher, Digest, MACLength "
+               "unset), PMTUDiscovery = no")
 OPENVPN_CIPHER = "AES-256-GCM (TLS p2p, peer-fingerprint, data-ciphers AES-256-GCM, no DCO)"
 
 
@@ -139,7 +141,8 @@ def _rsa_pems(bits: int = 2048) -> tuple[bytes, bytes]:
 
 
 def tinc_pair(a: Netns, b: Netns, tmp: Path, *, underlay: tuple[str, str] = ("10.0.0.1",
-              "10.0.0.2"), port: int = 655) -> tuple[DaemonLink, DaemonLink]:
+              "10.0.0.2"), port: int = 655, pmtu_discovery: bool = False
+              ) -> tuple[DaemonLink, DaemonLink]:
     """tinc 1.0 router mode between ``a`` (10.9.0.1, connects) and ``b`` (10.9.0.2)."""
     names = ("a", "b")
     inner = ("10.9.0.1", "10.9.0.2")
@@ -150,14 +153,19 @@ def tinc_pair(a: Netns, b: Netns, tmp: Path, *, underlay: tuple[str, str] = ("10
         (conf / "hosts").mkdir(parents=True, exist_ok=True)
         for j, other in enumerate(names):
             (conf / "hosts" / other).write_text(
-                f"Address = {underlay[j]}\nPort = {port}\nSubnet = {inner[j]}/32\n\n"
+                f"Address = {underlay[j]}\nPort = {port}\nSubnet = {inner[j]}/32\n"
+                + ("" if pmtu_discovery else "PMTUDiscovery = no\n") + "\n"
                 + keys[j][1].decode())
         key_file = conf / "rsa_key.priv"
         key_file.write_bytes(keys[i][0])
         key_file.chmod(0o600)
         ifname = f"tinc-{name}"
         lines = [f"Name = {name}", "Mode = router", f"Interface = {ifname}",
-                 "AddressFamily = ipv4", f"Port = {port}", f"PrivateKeyFile = {key_file}"]
+                 "AddressFamily = ipv4", f"Port = {port}", f"PrivateKeyFile = {key_file}",
+                 # While PMTU discovery runs (seconds), tinc 1.0 sends every packet larger
+                 # than the MTU found so far over its TCP meta connection; without it, data
+                 # goes over UDP from the start (the underlay MTU is known: 1500).
+                 f"PMTUDiscovery = {'yes' if pmtu_discovery else 'no'}"]
         if i == 0:
             lines.append(f"ConnectTo = {names[1]}")
         (conf / "tinc.conf").write_text("\n".join(lines) + "\n")
