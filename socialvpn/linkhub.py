@@ -131,6 +131,12 @@ class LinkHub:
         starts over with fresh candidates (signalled as end + new offer)."""
         self.network_changes += 1
         now = time.monotonic()
+        xmpp_changed = getattr(self.agent.xmpp, "network_changed", None)
+        if xmpp_changed is not None:
+            try:
+                xmpp_changed(addresses)
+            except Exception:
+                log.exception("XMPP network change handling failed")
         for gid, links in self.groups.items():
             moved = links.network_changed(set(addresses))
             if moved:

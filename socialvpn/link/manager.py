@@ -542,6 +542,7 @@ class _Link:
         self.controlling = False
         self.direct: DirectSocket | None = None  # the direct socket the Device sends on
         self.transport: str | None = None  # direct-socket | cached | roamed | ice-relay
+        self.keepalive = 0.0  # the persistent keepalive the Device peer has now
 
 
 class GroupLinks:
@@ -739,7 +740,8 @@ class GroupLinks:
         link = self._links[peer_id]
         self.mux.attach(peer_id, transport)
         self.device.set_endpoint(link.public_key, peer_id, 0)
-        self.device.set_persistent_keepalive(link.public_key, self.keepalive)
+        link.keepalive = self.keepalive
+        self.device.set_persistent_keepalive(link.public_key, link.keepalive)
         old, link.direct, link.transport = link.direct, None, "ice-relay"
         self._release(old, later=True)
         link.state = "up"
@@ -836,7 +838,8 @@ class GroupLinks:
         old, link.direct, link.transport = link.direct, direct, kind
         self.device.set_endpoint_addr(link.public_key, direct.addr(str(remote[0]),
                                                                   int(remote[1])))
-        self.device.set_persistent_keepalive(link.public_key, self.keepalive if nat else 0.0)
+        link.keepalive = self.keepalive if nat else 0.0
+        self.device.set_persistent_keepalive(link.public_key, link.keepalive)
         if old is not direct:
             self._release(old, later=True)
 
@@ -911,6 +914,7 @@ class GroupLinks:
             "controlling": link.controlling,
             "transport": None,
             "local_port": None,
+            "keepalive": link.keepalive,
             "allowed_ips": list(link.allowed_ips),
             "ice": link.session.stats() if link.session is not None else None,
         }
