@@ -94,6 +94,7 @@ class LinkHub:
         self.failures: dict[tuple[str, str], str] = {}
         self._up: dict[str, asyncio.Event] = {}  # gid -> set once its links are up
         self._order: dict[tuple[str, str], asyncio.Lock] = {}
+        self._unsent: set[tuple[str, str]] = set()  # our last signalling to them went nowhere
         self._overlay: tuple[str, ...] = ()
         self._restored: set[tuple[str, str]] = set()
         self._cache: dict[str, dict[str, dict[str, Any]]] = self._load_cache()
@@ -148,9 +149,10 @@ class LinkHub:
 
     def reoffer(self, device_id: str | None = None) -> None:
         """Signalling sent while the server (or the peer) was away went nowhere: offer again
-        now to every peer (or to ``device_id``) whose link is not up or coming up."""
+        now to every such peer (or to ``device_id``) whose link is not up or coming up."""
         for key, sig in list(self.signals.items()):
-            if device_id is None or key[1] == device_id:
+            if key in self._unsent and (device_id is None or key[1] == device_id):
+                self._unsent.discard(key)
                 self._run(key, sig.reoffer(time.monotonic()))
 
     def changed(self) -> None:
@@ -402,9 +404,11 @@ class LinkHub:
         for action in actions:
             try:
                 if isinstance(action, SendMessage):
+                    self._unsent.add(key)  # until the peer took it (see reoffer)
                     if jid and self.agent.xmpp.connected:
                         await self.agent.xmpp.send_group_op(
                             f"{jid}/svpn-{peer_id}", stanzas.LinkSignal(gid, action.msg))
+                        self._unsent.discard(key)
                     continue
                 if gid not in self.groups:
                     with contextlib.suppress(TimeoutError):
