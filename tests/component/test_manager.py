@@ -8,9 +8,11 @@ import asyncio
 import errno
 import ipaddress
 import queue
+import socket
 import struct
 import threading
 import time
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -18,9 +20,10 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 
 from socialvpn.link.constants import LinkTimers
 from socialvpn.link.device import Device, PeerConfig
-from socialvpn.link.ice import IceServers
-from socialvpn.link.manager import GroupLinks, LinkEvent, MuxTransport
+from socialvpn.link.ice import IceResult, IceServers, TakenSocket
+from socialvpn.link.manager import GroupLinks, LinkEvent, MuxTransport, crosses_nat
 from socialvpn.link.noise import public_bytes
+from socialvpn.linkhub import parse_cached
 from socialvpn.net.fake import FakeTun
 from socialvpn.net.packet_router import PacketRouter
 
@@ -230,14 +233,15 @@ def test_devices_over_mux_reach_two_peers():
 
 
 class Node:
-    def __init__(self, name: str, address: str) -> None:
+    def __init__(self, name: str, address: str, **options: Any) -> None:
         self.name = name
         self.address = address
         self.key, self.public = keypair()
         self.tun = FakeTun(capacity=1000)
         self.events: list[LinkEvent] = []
         self.links = GroupLinks(private_key=self.key, tun=self.tun, routes=PacketRouter(),
-                                servers=IceServers(), on_event=self.events.append, timers=FAST)
+                                servers=IceServers(), on_event=self.events.append, timers=FAST,
+                                **options)
 
 
 async def take(tun: FakeTun, timeout: float = 5.0) -> bytes:
@@ -345,3 +349,114 @@ async def test_ice_sessions_are_replaced_and_stopped_without_leaks() -> None:
         assert len(asyncio.all_tasks()) <= baseline
     finally:
         await a.links.stop()
+
+
+# --- direct sockets (the fast path for direct ICE pairs) -------------------------------------
+
+
+def _udp(port: int = 0) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", port))
+    return sock
+
+
+def _result(local: socket.socket, remote: socket.socket) -> IceResult:
+    return IceResult("host", "host", "direct", remote.getsockname(), local.getsockname(),
+                     rtt=None)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("0.0.0.0", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_direct_sockets_carry_data_hand_stun_over_and_roam() -> None:
+    a, b = Node("a", "10.9.0.1", keepalive=3.0), Node("b", "10.9.0.2", keepalive=3.0)
+    a.links.start()
+    b.links.start()
+    stun_at_b: list[tuple[bytes, tuple[str, int]]] = []
+    try:
+        a.links.set_peer("b", b.public, ("10.9.0.2/32",))
+        b.links.set_peer("a", a.public, ("10.9.0.1/32",))
+        sa, sb = _udp(), _udp()
+        b_addr = sb.getsockname()
+        early = b"\x00" * 8  # arrived at a before the take-over: read first, then dropped
+        b.links.attach_direct("a", TakenSocket(sb, lambda d, addr: stun_at_b.append((d, addr))),
+                              _result(sb, sa), initiate=False)
+        a.links.attach_direct("b", TakenSocket(sa, lambda d, addr: None, (early,)),
+                              _result(sa, sb))
+        a.tun.inject(ipv4("10.9.0.1", "10.9.0.2", b"over the socket"))
+        assert (await take(b.tun))[20:] == b"over the socket"
+        b.tun.inject(ipv4("10.9.0.2", "10.9.0.1", b"and back"))
+        assert (await take(a.tun))[20:] == b"and back"
+        row = a.links.peer_stats("b")
+        assert row["state"] == "up" and row["transport"] == "direct-socket"
+        assert row["remote_endpoint"] == f"127.0.0.1:{b_addr[1]}"
+        assert row["keepalive"] == 0.0  # host/host: no NAT on the way
+        stats = a.links.stats()
+        assert stats["mux"]["paths"] == {} and stats["datapath"] == "per-packet"
+        assert [d["rx"] > 0 for d in stats["direct"]] == [True]
+        assert stats["device"]["drops"].get("malformed") == 1  # the early 8 zero bytes
+
+        # STUN on the taken-over socket goes back to ICE, never to the Device
+        stun = bytes([0, 1, 0, 0]) + b"\x21\x12\xa4\x42" + bytes(12)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as raw:
+            raw.sendto(stun, b_addr)
+        wait_for(lambda: len(stun_at_b) == 1)
+        assert stun_at_b[0][0] == stun
+
+        # b's address is gone: it sends from its own wildcard socket at once, and a follows
+        # the authenticated packet there (roaming) without any signalling
+        changes = a.links.peer_stats("b")["endpoint_changes"]
+        assert b.links.network_changed(set()) == ["a"]
+        wait_for(lambda: a.links.peer_stats("b")["endpoint_changes"] > changes)
+        row_b = b.links.peer_stats("a")
+        assert row_b["transport"] == "roamed" and row_b["keepalive"] == 3.0
+        assert a.links.peer_stats("b")["remote_endpoint"] == f"127.0.0.1:{row_b['local_port']}"
+        a.tun.inject(ipv4("10.9.0.1", "10.9.0.2", b"after roaming"))
+        assert (await take(b.tun))[20:] == b"after roaming"
+        found = a.links.direct_endpoint("b")
+        assert found == ("127.0.0.1", row_b["local_port"], sa.getsockname()[1])
+        assert b.links.network_changed({"127.0.0.1"}) == []  # nothing to move any more
+    finally:
+        await asyncio.gather(a.links.stop(), b.links.stop())
+    assert a.links.io.sockets() == [] and b.links.io.sockets() == []
+
+
+async def test_links_come_back_from_cached_endpoints_without_signalling() -> None:
+    a, b = Node("a", "10.9.0.1", keepalive=3.0), Node("b", "10.9.0.2", keepalive=3.0)
+    a.links.start()
+    b.links.start()
+    try:
+        a.links.set_peer("b", b.public, ("10.9.0.2/32",))
+        b.links.set_peer("a", a.public, ("10.9.0.1/32",))
+        pa, pb = _free_port(), _free_port()
+        assert a.links.restore("b", ("127.0.0.1", pb), pa)
+        assert b.links.restore("a", ("127.0.0.1", pa), pb)
+        assert not a.links.restore("b", ("127.0.0.1", pb), pa)  # it has a path now
+        a.tun.inject(ipv4("10.9.0.1", "10.9.0.2", b"from the cache"))
+        assert (await take(b.tun))[20:] == b"from the cache"
+        row = a.links.peer_stats("b")
+        assert row["transport"] == "cached" and row["local_port"] == pa
+        assert row["keepalive"] == 3.0 and row["handshakes"] >= 1
+        assert row["state"] == "idle"  # no ICE ran
+    finally:
+        await asyncio.gather(a.links.stop(), b.links.stop())
+
+
+def test_nat_and_cache_entries() -> None:
+    assert not crosses_nat(IceResult("host", "host", "direct", ("1.2.3.4", 1), ("5.6.7.8", 2),
+                                     rtt=None))
+    assert crosses_nat(IceResult("srflx", "host", "direct", ("1.2.3.4", 1), ("5.6.7.8", 2),
+                                 rtt=None))
+    assert crosses_nat(IceResult("host", "relay", "turn", ("1.2.3.4", 1), ("5.6.7.8", 2),
+                                 rtt=None))
+    assert crosses_nat(None)
+    assert parse_cached({"endpoint": "198.18.1.2:5000", "local_port": 4000}) == (
+        ("198.18.1.2", 5000), 4000)
+    for bad in (None, [], {"endpoint": "x:1"}, {"endpoint": "1.2.3.4:0"},
+                {"endpoint": "1.2.3.4:70000"}, {"endpoint": "[::1]:5"},
+                {"endpoint": "1.2.3.4:5", "local_port": True},
+                {"endpoint": "1.2.3.4:5", "local_port": -1}, {"endpoint": "0.0.0.0:5"}):
+        assert parse_cached(bad) is None, bad
