@@ -73,6 +73,7 @@ _WAKE_ADDR: SockAddr = ("0.0.0.0", 0)
 STUN_COOKIE = b"\x21\x12\xa4\x42"  # RFC 5389 magic cookie, bytes 4..8 of every STUN message
 DIRECT_RECV_TIMEOUT = 0.5  # a direct socket's reader looks at its stop flag this often
 DIRECT_GRACE = 5.0  # a replaced direct socket keeps receiving this long (packets in flight)
+CONTROLLED_KICK_DELAY = 0.5  # see GroupLinks._kick_unless_handshaken
 CACHE_FRESH = 180.0  # an endpoint is worth caching while its last handshake is this recent
 
 
@@ -750,6 +751,8 @@ class GroupLinks:
         link.controlling = initiate
         if initiate:
             self._kick(link)
+        else:
+            self._kick_unless_handshaken(link)
         self._emit(LinkEvent(peer_id, "connected", result=result))
 
     # -- direct sockets --
@@ -774,6 +777,8 @@ class GroupLinks:
         link.controlling = initiate
         if initiate:
             self._kick(link)
+        else:
+            self._kick_unless_handshaken(link)
         self._emit(LinkEvent(peer_id, "connected", result=result))
 
     def restore(self, peer_id: str, endpoint: tuple[str, int], local_port: int = 0) -> bool:
@@ -860,6 +865,21 @@ class GroupLinks:
         peer = self.device.peer(link.public_key)
         if peer is not None:
             self.device.send_keepalive(peer)
+
+    def _kick_unless_handshaken(self, link: _Link) -> None:
+        """The controlled side leaves the handshake to the controlling one, but that side may
+        hold a session from before we restarted (its keepalive then goes nowhere): with still
+        no handshake after :data:`CONTROLLED_KICK_DELAY`, start one ourselves."""
+        def check() -> None:
+            peer = self.device.peer(link.public_key)
+            if (peer is not None and self._links.get(link.peer_id) is link
+                    and not self.device.peer_stats(peer).get("last_handshake")):
+                self._kick(link)
+
+        try:
+            asyncio.get_running_loop().call_later(CONTROLLED_KICK_DELAY, check)
+        except RuntimeError:  # no event loop (a test attaching a path by hand)
+            pass
 
     def _on_lost(self, link: _Link, session: IceSession, reason: str) -> None:
         if link.session is session and self._links.get(link.peer_id) is link:
