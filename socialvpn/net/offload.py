@@ -59,6 +59,31 @@ def ones_sum(data: Buffer) -> int:
     return folded or 0xFFFF
 
 
+_MASKS: dict[int, int] = {}
+
+
+def _sum16(data: Buffer) -> int:
+    """As :func:`ones_sum` (but 0xFFFF for all-zero data, the same value in one's complement),
+    cheaper on packet-sized data: two folds with shifts (as 2^16k ≡ 1) leave a quarter of the
+    digits for the division."""
+    n = len(data)
+    value = int.from_bytes(data, "big")
+    if n & 1:
+        value <<= 8
+        n += 1
+    k = (n << 2) & ~15  # half the bits, a multiple of 16
+    mask = _MASKS.get(k)
+    if mask is None:
+        mask = _MASKS[k] = (1 << k) - 1
+    value = (value >> k) + (value & mask)
+    k = (k >> 1) & ~15
+    mask = _MASKS.get(k)
+    if mask is None:
+        mask = _MASKS[k] = (1 << k) - 1
+    value = (value >> k) + (value & mask)
+    return value % 0xFFFF or 0xFFFF
+
+
 def _add(a: int, b: int) -> int:
     s = a + b
     return (s & 0xFFFF) + (s >> 16)
@@ -229,7 +254,7 @@ def _tso_segments(frame: memoryview, mss: int) -> Iterator[memoryview]:
             pack16(frame, start + 10, ~_fold(ip_sum + ihl + tcp_len + ident) & 0xFFFF)
         else:
             pack16(frame, start + 4, tcp_len)
-        value = _fold(ones_sum(frame[start + tcp_off : seg_end]) + pseudo + tcp_len)
+        value = _fold(_sum16(frame[start + tcp_off : seg_end]) + pseudo + tcp_len)
         pack16(frame, start + csum_at, ~value & 0xFFFF)
         yield frame[start:seg_end]
         if last:
@@ -247,41 +272,49 @@ def split(frame: Buffer) -> list[Buffer]:
 # --- wire → TUN ----------------------------------------------------------------------------
 
 
-def _tcp_key(p: Buffer) -> tuple[int, int, int] | None:
-    """(ip header length, tcp header length, version) of a plain TCP segment we may merge:
-    IPv4 without options and not fragmented, or IPv6 without extension headers; ACK set and
-    no SYN/FIN/RST/URG; some payload."""
+_MERGE_FLAGS = TCP_ACK | TCP_PSH | TCP_CWR
+# IPv4 without options: version/ihl, TOS, -, -, fragment, TTL, protocol, (checksum),
+# addresses + ports, seq, ack, data offset, flags, window.
+_V4_TCP = struct.Struct("!BBHHHBB2x12sI4sBB2s")
+# IPv6: version/class/flow, -, next header, hop limit, addresses + ports, seq, ack, data
+# offset, flags, window.
+_V6_TCP = struct.Struct("!4sHBB36sI4sBB2s")
+
+_Parsed = tuple[tuple[object, ...], int, int, int, int]
+
+
+def _parse(p: Buffer) -> _Parsed | None:
+    """(flow key, seq, payload length, header length, flags) of a plain TCP segment we may
+    merge - IPv4 without options and not fragmented, or IPv6 without extension headers; ACK
+    set and no SYN/FIN/RST/URG; some payload - else None. Segments merge only when their keys
+    are equal: same addresses, ports, TOS/class, TTL/hop limit, ack, header length, window
+    and TCP options (the rules of the kernel's own GRO)."""
     n = len(p)
     if n < 40:
         return None
-    version = p[0] >> 4
-    if version == 4:
-        if p[0] != 0x45 or p[9] != PROTO_TCP or (p[6] & 0x3F) or p[7]:
-            return None  # options, or a fragment (MF / offset)
-        ihl = 20
-    elif version == 6:
-        if n < 60 or p[6] != PROTO_TCP:
+    first = p[0]
+    if first == 0x45:
+        _vi, tos, _len, _id, frag, ttl, proto, ports, seq, ack, doff, flags, win = \
+            _V4_TCP.unpack_from(p)
+        if proto != PROTO_TCP or frag & 0x3FFF:
+            return None  # not TCP, or a fragment (MF / offset)
+        thl = (doff >> 4) * 4
+        hdr = 20 + thl
+        key: tuple[object, ...] = (tos, ttl, ports, ack, doff, win, bytes(p[40:hdr]))
+    elif first >> 4 == 6:
+        if n < 60:
             return None
-        ihl = 40
+        vtf, _plen, nxt, hop, ports, seq, ack, doff, flags, win = _V6_TCP.unpack_from(p)
+        if nxt != PROTO_TCP:
+            return None
+        thl = (doff >> 4) * 4
+        hdr = 40 + thl
+        key = (vtf, hop, ports, ack, doff, win, bytes(p[60:hdr]))
     else:
         return None
-    thl = (p[ihl + 12] >> 4) * 4
-    flags = p[ihl + 13]
-    if thl < 20 or ihl + thl >= n or flags & ~(TCP_ACK | TCP_PSH | TCP_CWR) or not flags & TCP_ACK:
+    if thl < 20 or hdr >= n or flags & ~_MERGE_FLAGS or not flags & TCP_ACK:
         return None
-    return ihl, thl, version
-
-
-def _same_flow(a: Buffer, b: Buffer, ihl: int, thl: int, version: int) -> bool:
-    if version == 4:
-        # TOS, TTL, protocol, addresses; then ports and, after seq/ack, the TCP options.
-        return (a[1] == b[1] and a[8:10] == b[8:10] and a[12:20] == b[12:20]
-                and a[20:24] == b[20:24] and a[28:32] == b[28:32]
-                and a[20 + 14 : 20 + 16] == b[20 + 14 : 20 + 16]
-                and a[40 : 20 + thl] == b[40 : 20 + thl])
-    return (a[0:4] == b[0:4] and a[7:40] == b[7:40] and a[40:44] == b[40:44]
-            and a[48:52] == b[48:52] and a[40 + 14 : 40 + 16] == b[40 + 14 : 40 + 16]
-            and a[60 : 40 + thl] == b[60 : 40 + thl])
+    return key, seq, n - hdr, hdr, flags
 
 
 def coalesce(packets: Iterable[Buffer]) -> list[list[Buffer]]:
@@ -290,57 +323,43 @@ def coalesce(packets: Iterable[Buffer]) -> list[list[Buffer]]:
     payload sizes (the last may be shorter, or carry PSH) become one GSO super-packet."""
     writes: list[list[Buffer]] = []
     run: list[Buffer] = []
-    run_info: tuple[int, int, int] | None = None
-    next_seq = 0
-    mss = 0
-    size = 0
-    last_closed = False
-
-    def flush() -> None:
-        nonlocal run, run_info
-        if len(run) == 1:
-            writes.append([EMPTY_HDR, run[0]])
-        elif run:
-            assert run_info is not None
-            writes.append(_merge(run, *run_info, mss))
-        run = []
-        run_info = None
-
+    run_key: tuple[object, ...] = ()
+    run_hdr = next_seq = mss = size = 0
+    closed = True
     for p in packets:
-        info = _tcp_key(p)
-        if info is not None and run_info is not None and not last_closed:
-            ihl, thl, version = info
-            seq = int.from_bytes(p[ihl + 4 : ihl + 8], "big")
-            plen = len(p) - ihl - thl
-            if (info == run_info and seq == next_seq and plen <= mss
-                    and size + plen <= MAX_COALESCED
-                    and _same_flow(run[0], p, ihl, thl, version)):
+        info = _parse(p)
+        if info is not None:
+            key, seq, plen, hdr, flags = info
+            if (not closed and seq == next_seq and plen <= mss and key == run_key
+                    and size + plen <= MAX_COALESCED):
                 run.append(p)
                 next_seq = (seq + plen) & 0xFFFFFFFF
                 size += plen
-                last_closed = plen < mss or bool(p[ihl + 13] & TCP_PSH)
+                closed = plen < mss or bool(flags & TCP_PSH)
                 continue
-        flush()
+        if run:
+            writes.append(_merge(run, run_hdr, mss) if len(run) > 1 else [EMPTY_HDR, run[0]])
         if info is None:
             writes.append([EMPTY_HDR, p])
+            run = []
+            closed = True
             continue
-        ihl, thl, version = info
         run = [p]
-        run_info = info
-        mss = len(p) - ihl - thl
-        size = mss
-        next_seq = (int.from_bytes(p[ihl + 4 : ihl + 8], "big") + mss) & 0xFFFFFFFF
-        last_closed = bool(p[ihl + 13] & TCP_PSH)
-    flush()
+        run_key, run_hdr, mss, size = key, hdr, plen, plen
+        next_seq = (seq + plen) & 0xFFFFFFFF
+        closed = bool(flags & TCP_PSH)
+    if run:
+        writes.append(_merge(run, run_hdr, mss) if len(run) > 1 else [EMPTY_HDR, run[0]])
     return writes
 
 
-def _merge(run: list[Buffer], ihl: int, thl: int, version: int, mss: int) -> list[Buffer]:
+def _merge(run: list[Buffer], hdr_len: int, mss: int) -> list[Buffer]:
     first, last = run[0], run[-1]
-    hdr_len = ihl + thl
+    version = first[0] >> 4
+    ihl = 20 if version == 4 else 40
     head = bytearray(first[:hdr_len])
     payloads = [memoryview(p)[hdr_len:] for p in run]
-    tcp_len = thl + sum(len(x) for x in payloads)
+    tcp_len = hdr_len - ihl + sum(map(len, payloads))
     head[ihl + 13] = first[ihl + 13] | (last[ihl + 13] & TCP_PSH)
     if version == 4:
         head[2:4] = (ihl + tcp_len).to_bytes(2, "big")

@@ -222,3 +222,44 @@ def test_segments_of_a_frame_read_into_a_larger_buffer() -> None:
     assert len(single) == 1
     (only,) = [bytes(v) for v in single]
     assert tcp_valid(only)
+
+
+@pytest.mark.parametrize("v6", [False, True])
+@pytest.mark.parametrize("change", ["ack", "window", "options", "ttl", "port", "fragment",
+                                    "syn", "no-ack"])
+def test_coalesce_breaks_runs_where_the_kernel_would(v6: bool, change: str) -> None:
+    mss = 500
+    opts = b"\x01\x01\x08\x0a" + struct.pack("!II", 5, 9)
+    segs = [bytearray(tcp_packet(bytes([i]) * mss, v6=v6, seq=1 + i * mss, flags=0x10,
+                                 options=opts)) for i in range(4)]
+    ihl = 40 if v6 else 20
+    odd = segs[2]
+    if change == "ack":
+        odd[ihl + 8] ^= 1
+    elif change == "window":
+        odd[ihl + 14] ^= 1
+    elif change == "options":
+        odd[ihl + 20 + 7] ^= 1  # the timestamp value
+    elif change == "ttl":
+        odd[7 if v6 else 8] -= 1
+    elif change == "port":
+        odd[ihl + 1] ^= 1
+    elif change == "fragment":
+        if v6:
+            odd[6] = 44  # a fragment header follows: not plain TCP
+        else:
+            odd[6] |= 0x20  # more fragments
+    elif change == "syn":
+        odd[ihl + 13] |= 0x02
+    elif change == "no-ack":
+        odd[ihl + 13] &= ~0x10
+    writes = coalesce([bytes(s) for s in segs])
+    assert [len(w) for w in writes] == [4, 2, 2]  # merged(first two), the odd one, the last
+    assert writes[1][1] == bytes(odd)
+
+
+@given(st.binary(max_size=3000))
+@settings(max_examples=500, deadline=None)
+def test_sum16_is_ones_sum(data: bytes) -> None:
+    got = offload._sum16(memoryview(data))
+    assert got == (offload.ones_sum(data) or 0xFFFF)
