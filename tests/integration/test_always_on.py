@@ -155,68 +155,76 @@ def _addresses(agent: AgentProc, ifname: str) -> list[str]:
     return [a for a in re.findall(r"inet6? (\S+)", out) if not a.startswith("fe80:")]
 
 
-def test_sigkill_and_restart_brings_the_links_back_clean(pair: Pair) -> None:
+@pytest.mark.parametrize("victim_role", ["controlled", "controlling"])
+def test_sigkill_and_restart_brings_the_links_back_clean(pair: Pair, victim_role: str) -> None:
     """Acceptance 3: after SIGKILL and a restart on the same state dir, ping resumes within
     5 s of the restart; one interface, no duplicate routes, one fresh session at the peer.
-    Then, restarted while Prosody is down, the TUN device and its addresses are back."""
-    alice, bob = pair.alice, pair.bob
-    links_before = _svpn_links(alice)
-    routes_before = (_routes(alice, "-4"), _routes(alice, "-6"))
-    addrs_before = _addresses(alice, "svpn-lab")
-    assert links_before == ["svpn-lab"] and ALICE_IP + "/24" in addrs_before
-    old_handshake = _up(bob, "alice")["last_handshake"]
+    Both ICE roles are killed in turn (the greater device id controls and starts the
+    handshake). Then, restarted while Prosody is down, the TUN device and its addresses are
+    back."""
+    ids = {a.user: a.status()["device"]["id"] for a in (pair.alice, pair.bob)}
+    controlling = max(ids, key=lambda user: ids[user])
+    victim, peer = ((pair.alice, pair.bob) if (controlling == "alice") == (
+        victim_role == "controlling") else (pair.bob, pair.alice))
+    ips = {"alice": ALICE_IP, "bob": BOB_IP}
+    victim_ip, peer_ip = ips[victim.user], ips[peer.user]
+    links_before = _svpn_links(victim)
+    routes_before = (_routes(victim, "-4"), _routes(victim, "-6"))
+    addrs_before = _addresses(victim, "svpn-lab")
+    assert links_before == ["svpn-lab"] and victim_ip + "/24" in addrs_before
+    old_handshake = _up(peer, victim.user)["last_handshake"]
 
-    alice.stop(signal.SIGKILL)
+    victim.stop(signal.SIGKILL)
     killed_at = time.time()
     # The killed run's TUN device was not persistent: it went with the process, and with it
     # its addresses and routes.
-    assert _svpn_links(alice) == [] and _routes(alice, "-4") == _routes(alice, "-6") == []
+    assert _svpn_links(victim) == [] and _routes(victim, "-4") == _routes(victim, "-6") == []
     time.sleep(1.0)  # the peer's old session is still current: it must give way promptly
-    # bob pings alice 10 times a second (-D: each reply time-stamped) across the restart.
-    assert bob.netns
-    ping = subprocess.Popen(["ip", "netns", "exec", bob.netns, "ping", "-D", "-i", "0.1", "-c",
-                             "120", "-W", "1", ALICE_IP], stdout=subprocess.PIPE,
+    # The peer pings the victim 10 times a second (-D: replies time-stamped) across the restart.
+    assert peer.netns
+    ping = subprocess.Popen(["ip", "netns", "exec", peer.netns, "ping", "-D", "-i", "0.1",
+                             "-c", "120", "-W", "1", victim_ip], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
     try:
         restart = time.time()
-        alice.start()
+        victim.start()
         out, _ = ping.communicate(timeout=60)
     finally:
         if ping.poll() is None:
             ping.kill()
             ping.wait(5)
     replies = [float(m[1]) for m in re.finditer(r"^\[(\d+\.\d+)\] \d+ bytes from", out, re.M)]
-    assert replies, out[-2000:] + alice.log_tail(40)
+    assert replies, out[-2000:] + victim.log_tail(40)
     took = replies[0] - restart
-    print(f"ping resumed {took:.2f} s after the restart; {len(replies)}/120 answered")
+    print(f"{victim_role} {victim.user}: ping resumed {took:.2f} s after the restart; "
+          f"{len(replies)}/120 answered")
     assert took < 5.0
-    assert _pings(alice, BOB_IP)
+    assert _pings(victim, peer_ip)
 
-    assert _svpn_links(alice) == links_before
-    assert (_routes(alice, "-4"), _routes(alice, "-6")) == routes_before
+    assert _svpn_links(victim) == links_before
+    assert (_routes(victim, "-4"), _routes(victim, "-6")) == routes_before
     for family in ("-4", "-6"):
-        routes = _routes(alice, family)
+        routes = _routes(victim, family)
         assert len(routes) == len(set(routes)), routes
-    assert sorted(_addresses(alice, "svpn-lab")) == sorted(addrs_before)
-    entries = [p for p in bob.json("peers") if p["device"] == "alice"]
+    assert sorted(_addresses(victim, "svpn-lab")) == sorted(addrs_before)
+    entries = [p for p in peer.json("peers") if p["device"] == victim.user]
     assert len(entries) == 1 and entries[0]["state"] == "up"
     assert entries[0]["last_handshake"] > max(old_handshake, killed_at)
-    assert _pings(bob, ALICE_IP)
 
     # Restart with the server down: the group's device and addresses come from the state. A
     # leftover persistent svpn-lab with a stale address (`ip tuntap add` by hand, say) is taken
     # over and set right.
     pair.net.server.stop()
-    alice.stop(signal.SIGKILL)
+    victim.stop(signal.SIGKILL)
     for cmd in (("ip", "tuntap", "add", "dev", "svpn-lab", "mode", "tun"),
                 ("ip", "addr", "add", "10.99.0.1/24", "dev", "svpn-lab")):
-        assert _ns_run(alice, *cmd).returncode == 0
-    alice.start()
-    wait_for(lambda: _svpn_links(alice) == ["svpn-lab"]
-             and sorted(_addresses(alice, "svpn-lab")) == sorted(addrs_before), 10,
-             "svpn-lab with its addresses while the server is down", alice.log_tail)
-    st = alice.status()
+        assert _ns_run(victim, *cmd).returncode == 0
+    victim.start()
+    wait_for(lambda: _svpn_links(victim) == ["svpn-lab"]
+             and sorted(_addresses(victim, "svpn-lab")) == sorted(addrs_before), 10,
+             "svpn-lab with its addresses while the server is down", victim.log_tail)
+    st = victim.status()
     assert st is not None and st["xmpp"]["state"] != "connected"
-    assert "persist on" not in _ns_run(alice, "ip", "-d", "link", "show", "svpn-lab").stdout
-    assert not any("10.99.0" in r for r in _routes(alice, "-4"))
-    assert [g["ip4"] for g in st["groups"]] == [ALICE_IP]
+    assert "persist on" not in _ns_run(victim, "ip", "-d", "link", "show", "svpn-lab").stdout
+    assert not any("10.99.0" in r for r in _routes(victim, "-4"))
+    assert [g["ip4"] for g in st["groups"]] == [victim_ip]
