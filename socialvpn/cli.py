@@ -161,8 +161,14 @@ def cmd_service(args: argparse.Namespace) -> int:
     from .service import install
 
     cfg = load_config(args.config)
+    files = [(what, path) for what, path in (("the password file", cfg.account.password_file),
+                                             ("the CA file", cfg.xmpp.ca_file)) if path]
     result = install(args.config, cfg.state_dir, unit_dir=args.unit_dir,
-                     enable=not args.no_enable, now=args.now, force=args.force)
+                     enable=not args.no_enable, now=args.now, force=args.force, files=files)
+    if cfg.account.password_file is None:
+        result.warnings.append("the config has no password_file and the service does not "
+                               "see $SOCIALVPN_PASSWORD: set password_file (or Environment= "
+                               "in a drop-in)")
     for w in result.warnings:
         print(f"warning: {w}", file=sys.stderr)
     if args.json:

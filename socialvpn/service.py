@@ -171,9 +171,12 @@ def _run_systemctl(argv: list[str]) -> subprocess.CompletedProcess[str]:
 def install(config: Path, state_dir: Path, *, unit_dir: Path = DEFAULT_UNIT_DIR,
             enable: bool = True, now: bool = False, force: bool = False,
             command: Sequence[str] | None = None, booted: bool | None = None,
+            files: Sequence[tuple[str, Path]] = (),
             run: Runner = _run_systemctl) -> InstallResult:
     """Write the unit into ``unit_dir`` (idempotent) and, when systemd runs this machine and
-    reads ``unit_dir``, reload systemd, enable the unit and (``now``) start or restart it."""
+    reads ``unit_dir``, reload systemd, enable the unit and (``now``) start or restart it.
+    ``files``: (what, path) the agent reads besides the config (password file, CA file), to
+    warn about when the unit's sandbox hides them."""
     config = config.expanduser().absolute()
     state_dir = state_dir.expanduser().absolute()
     argv = list(command) if command is not None else agent_command()
@@ -188,7 +191,7 @@ def install(config: Path, state_dir: Path, *, unit_dir: Path = DEFAULT_UNIT_DIR,
                              "(`systemctl edit socialvpn`) or replace it with --force")
     result = InstallResult(path, changed=old != text, systemd=False)
     for p, what in ((config, "the config file"), (state_dir, "the state directory"),
-                    (Path(argv[0]), "the agent")):
+                    (Path(argv[0]), "the agent"), *((p, w) for w, p in files)):
         if any(p == h or h in p.parents for h in HOME_DIRS):
             result.warnings.append(f"{what} ({p}) is under a home directory, which the unit "
                                    "hides (ProtectHome=yes): move it or relax that in a drop-in")

@@ -152,5 +152,11 @@ def test_install_with_systemd_reloads_enables_and_starts(tmp_path: Path,
 
 def test_paths_under_home_are_warned_about(tmp_path: Path) -> None:
     result = service.install(Path("/home/al/c.toml"), Path("/var/lib/socialvpn"),
-                             unit_dir=tmp_path, command=["/usr/bin/svpn"], booted=False)
-    assert any("home directory" in w for w in result.warnings)
+                             unit_dir=tmp_path, command=["/usr/bin/svpn"], booted=False,
+                             files=[("the password file", Path("/root/pw"))])
+    assert [w.split(" (")[0] for w in result.warnings] == ["the config file",
+                                                           "the password file"]
+    ok = service.install(Path("/etc/socialvpn/c.toml"), Path("/var/lib/socialvpn"),
+                         unit_dir=tmp_path / "2", command=["/usr/bin/svpn"], booted=False,
+                         files=[("the CA file", Path("/etc/ssl/ca.pem"))])
+    assert ok.warnings == []
