@@ -595,6 +595,7 @@ class Agent(XmppListener):
             "groups": [{k: g[k] for k in ("name", "role", "ip4", "ip6", "epoch")}
                        for g in self.groups()],
             "counters": self.counters.to_json(),
+            "links": self.links.summary(),
         }
 
     def friends(self) -> list[dict[str, Any]]:

@@ -436,6 +436,21 @@ class LinkHub:
 
     # --- the API ---------------------------------------------------------------------------
 
+    def summary(self) -> dict[str, Any]:
+        """For ``status``: per group the data path (``offload``/``per-packet``), the UDP
+        offloads in use and each peer's transport; whether the network monitor runs."""
+        out: dict[str, Any] = {}
+        for gid, links in self.groups.items():
+            doc = self.agent.book.doc(gid) if gid in self.agent.book.groups else None
+            udp = links.device.stats().get("udp", {})
+            out[doc.name if doc is not None else gid] = {
+                "datapath": links.datapath(),
+                "udp": {"gso": bool(udp.get("gso")), "gro": bool(udp.get("gro"))},
+                "transports": {p: links.peer_stats(p).get("transport") for p in links.peers()},
+            }
+        return {"enabled": self.enabled, "monitor": self.monitor is not None,
+                "network_changes": self.network_changes, "groups": out}
+
     def peers(self) -> list[dict[str, Any]]:
         out = []
         agent = self.agent
