@@ -101,7 +101,11 @@ def test_direct_link_runs_on_a_real_socket_with_nat_keepalive(bed: Bed) -> None:
         assert row["transport"] == "direct-socket", row
         assert row["datapath"] in ("offload", "per-packet"), row
         assert row["keepalive"] == KEEPALIVE, row  # bob is behind a NAT: both keep it alive
-    assert bed.alice.status() is not None
+    status = bed.alice.status()
+    assert status is not None
+    lab = status["links"]["groups"]["lab"]
+    assert lab["datapath"] == a["datapath"] and lab["transports"] == {a["id"]: "direct-socket"}
+    assert status["links"]["monitor"] is True
     # What the direct socket moves between two agents (printed; no speed is asserted).
     server = Iperf3Server(bed.bob_site.host, IPS["bob"])
     try:
