@@ -220,6 +220,31 @@ def _ours_info(run: Running) -> dict[str, Any]:
     return info
 
 
+class _Iperf:
+    """iperf3 against one server in b, restarted and tried once more when a run fails (under
+    a 1 Gbit/s UDP flood or loss the control connection inside the tunnel sometimes dies)."""
+
+    def __init__(self, run: Running, record: dict[str, Any]) -> None:
+        self.run = run
+        self.record = record
+        self.server = Iperf3Server(run.b, run.target)
+
+    def __call__(self, **kwargs: Any) -> dict[str, Any]:
+        try:
+            return iperf3(self.run.a, self.run.target, **kwargs)
+        except AssertionError as exc:
+            self.failed(kwargs, exc)
+            return iperf3(self.run.a, self.run.target, **kwargs)
+
+    def failed(self, kwargs: dict[str, Any], exc: Exception) -> None:
+        self.record.setdefault("retries", []).append(f"{kwargs}: {str(exc)[:200]}")
+        self.server.stop()
+        self.server = Iperf3Server(self.run.b, self.run.target)
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
 def measure(setup: Setup, scenario: str, seconds: int, root: Path) -> dict[str, Any]:
     """Bring ``setup`` up in fresh namespaces under ``scenario``; measure; tear all down."""
     tmp = Path(tempfile.mkdtemp(prefix=f"{setup.name}-", dir=root))
@@ -236,12 +261,19 @@ def measure(setup: Setup, scenario: str, seconds: int, root: Path) -> dict[str, 
                 times = [float(t.split()[0]) for t in pinged.stdout.split("time=")[1:]]
                 m["rtt_ms"] = statistics.median(times) if times else None
                 m["rtt_avg_ms"] = ping_rtt_ms(pinged)
-                server = Iperf3Server(run.b, run.target)
+                test = _Iperf(run, record)
                 try:
                     pids = run.pids()
-                    wire0 = link_counters(a, "v-b")
-                    cpu0 = proc_cpu_seconds(pids)
-                    one = iperf3(run.a, run.target, seconds=seconds)
+                    for attempt in (1, 2):  # like _Iperf, but the counters go with the try
+                        wire0 = link_counters(a, "v-b")
+                        cpu0 = proc_cpu_seconds(pids)
+                        try:
+                            one = iperf3(run.a, run.target, seconds=seconds)
+                            break
+                        except AssertionError as exc:
+                            if attempt == 2:
+                                raise
+                            test.failed({"seconds": seconds}, exc)
                     cpu = proc_cpu_seconds(pids) - cpu0
                     wire1 = link_counters(a, "v-b")
                     moved = float(one["end"]["sum_received"]["bytes"])
@@ -252,15 +284,14 @@ def measure(setup: Setup, scenario: str, seconds: int, root: Path) -> dict[str, 
                     m["underlay_bytes_per_packet"] = (
                         (wire1["tx_bytes"] - wire0["tx_bytes"]) / packets if packets else None)
                     record["info"]["underlay_tx_packets"] = packets
-                    four = iperf3(run.a, run.target, seconds=seconds, streams=4)
+                    four = test(seconds=seconds, streams=4)
                     m["tcp4_mbps"] = four["end"]["sum_received"]["bits_per_second"] / 1e6
-                    udp = iperf3(run.a, run.target, seconds=seconds, udp_bitrate=UDP_OFFERED,
-                                 length=UDP_LENGTH)
+                    udp = test(seconds=seconds, udp_bitrate=UDP_OFFERED, length=UDP_LENGTH)
                     received = udp["end"].get("sum_received", udp["end"]["sum"])
                     m["udp_rx_mbps"] = received["bits_per_second"] / 1e6
                     m["udp_loss_percent"] = received.get("lost_percent")
                 finally:
-                    server.stop()
+                    test.stop()
                 if scenario in ("loss", "nic-loss"):
                     record["info"]["loss_counters"] = udp_loss_counters(b)
                 if setup.kind == "ours":
