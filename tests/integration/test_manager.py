@@ -336,3 +336,23 @@ async def test_direct_path_runs_on_a_real_socket_and_is_faster(bed: Bed) -> None
             print(f"{want}: a->b {tcp_mbps(up):.0f} Mbit/s, b->a {tcp_mbps(down):.0f} Mbit/s, "
                   f"datapath {stats['datapath']}")
     assert speeds["direct-socket"] > speeds["ice-relay"], speeds
+
+
+async def test_consent_keeps_working_on_a_taken_over_socket(bed: Bed) -> None:
+    """Once the Device reads the selected socket, STUN is handed back to aioice: consent checks
+    (every ~0.3 s here, 3 misses = lost) keep being answered both ways."""
+    t0 = time.monotonic()
+    async with group(bed.a, bed.b, bed.stun_only, consent_interval=0.3,
+                     consent_failures=3) as (a, b):
+        await connect(a, b)
+        await wait_handshake(a, "b")
+        await asyncio.sleep(4.0)  # ~13 consent rounds each way
+        assert not [e for e in a.events + b.events if e.kind == "failed"], (a.events, b.events)
+        for m, peer in ((a, "b"), (b, "a")):
+            s = await m.stats(peer)
+            assert s["state"] == "up" and s["transport"] == "direct-socket", s
+        stats = await b.call(b.links.stats)
+        assert sum(d["stun_rx"] for d in stats["direct"]) >= 5, stats["direct"]
+        ok, out = await ping(a.site, b.address, count=2)
+        assert ok, out
+    assert time.monotonic() - t0 < CASE_BUDGET
