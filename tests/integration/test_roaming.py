@@ -36,6 +36,7 @@ pytestmark = pytest.mark.integration
 
 KEEPALIVE = 2  # seconds, below the 5 s conntrack timeout of case 6
 IPS = {"alice": "10.77.0.1", "bob": "10.77.0.2"}
+KEEPALIVE_TABLE = "svpn_roaming_ka"
 
 
 @dataclass
@@ -191,7 +192,22 @@ def test_idle_link_survives_a_5s_nat_timeout(bed: Bed) -> None:
     router.sysctl("net.netfilter.nf_conntrack_udp_timeout_stream", 5)
     out = router.run(["sysctl", "-n", "net.netfilter.nf_conntrack_udp_timeout"]).stdout
     assert out.strip() == "5"
+    # Count WireGuard keepalives crossing the NAT either way (a type-4 message with no
+    # payload: 32 bytes of UDP payload, 40 with the UDP header). Any authenticated packet
+    # restarts a side's keepalive timer, so together the two ends send one per interval.
+    router.nft(f"""
+table inet {KEEPALIVE_TABLE} {{
+    counter keepalives {{ }}
+    chain out {{
+        type filter hook forward priority 10; policy accept;
+        udp length 40 @th,64,32 0x04000000 counter name "keepalives"
+    }}
+}}
+""")
     assert _ping(bed.alice_site, IPS["bob"])
     time.sleep(60)  # idle: no traffic of ours crosses the link
+    sent = router.nft_counter("keepalives", table=KEEPALIVE_TABLE)
+    assert sent >= 60 / KEEPALIVE / 2, sent  # what kept the mapping: persistent keepalive
+    print(f"60 s idle behind a 5 s NAT timeout: {sent} keepalives crossed it")
     assert _ping(bed.alice_site, IPS["bob"], count=1, wait=2), "alice -> bob after 60 s idle"
     assert _ping(bed.bob_site, IPS["alice"], count=1, wait=2), "bob -> alice after 60 s idle"
