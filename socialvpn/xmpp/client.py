@@ -224,6 +224,7 @@ class XmppClient:
         name = transport.get_extra_info("sockname") if transport is not None else None
         if name and name[0] not in addresses and not name[0].startswith(("127.", "::1")):
             log.info("XMPP session was on %s, which is gone: reconnecting", name[0])
+            self._backoff.reset()  # a new network: the first retry comes soon
             xmpp.abort()  # type: ignore[union-attr]
 
     @property
