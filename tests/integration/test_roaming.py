@@ -10,7 +10,9 @@ run in order on it:
    endpoint cache (transport ``cached``), ping both ways; then Prosody returns.
 5. bob's LAN address changed with ``ip addr`` in his namespace: a ping from alice gets through
    again within 5 s, no restart (net/monitor.py → bob sends from the new address at once,
-   alice follows the authenticated packets; ICE restarts behind it).
+   alice follows the authenticated packets; ICE restarts behind it). Then alice's public
+   address changes: bob's NAT filters her new address, so it takes the ICE restart (her XMPP
+   session on the old address is dropped at once, she signs in again and re-offers).
 6. conntrack UDP timeouts on ``nat_bob`` set to 5 s (per namespace), the link left idle for
    60 s: a ping still gets through both ways. What keeps the mapping is WireGuard's persistent
    keepalive (every KEEPALIVE s on NAT-crossing links, peers show ``keepalive``); ICE consent
@@ -183,6 +185,33 @@ def test_underlay_address_change_resumes_within_5s(bed: Bed) -> None:
     wait_for(lambda: (_peer(bob, "alice") or {}).get("state") == "up", 20,
              "ICE restarted on the new address", _diag(bob), interval=0.5)
     assert _ping(bed.alice_site, IPS["bob"], count=2)
+
+
+def test_public_address_change_behind_the_peers_nat_resumes_by_ice_restart(bed: Bed) -> None:
+    """alice (no NAT) gets a new address: bob's NAT lets nothing in from it, so roaming alone
+    cannot help; alice's XMPP session (on the old address) is dropped at once, she signs in
+    again and offers a new ICE session, which bob answers."""
+    alice, bob = bed.alice, bed.bob
+    site = bed.alice_site
+    old = site.host_ip
+    prefix, last = old.rsplit(".", 1)
+    new = f"{prefix}.{int(last) + 100}"
+    gateway = f"{prefix}.1"
+    assert _ping(bed.bob_site, IPS["alice"])
+    site.host.sysctl("net.ipv4.conf.all.promote_secondaries", 1)
+    site.host.sysctl("net.ipv4.conf.eth0.promote_secondaries", 1)
+    site.host.ip("addr", "add", f"{new}/24", "dev", "eth0")
+    site.host.ip("addr", "del", f"{old}/24", "dev", "eth0")
+    changed = time.monotonic()
+    site.host.ip("route", "replace", "default", "via", gateway)
+    wait_for(lambda: _ping(bed.alice_site, IPS["bob"]), 15.0, "ping after the change",
+             _diag(alice, bob), interval=0.05)
+    took = time.monotonic() - changed
+    assert _ping(bed.bob_site, IPS["alice"], count=2)
+    row = _peer(bob, "alice")
+    assert row and row["endpoint"].startswith(new), row
+    print(f"alice moved {old} -> {new} (bob behind NAT): ping again after {took:.2f} s")
+    assert took < 5.0, took
 
 
 def test_idle_link_survives_a_5s_nat_timeout(bed: Bed) -> None:
