@@ -165,9 +165,15 @@ class Device:
         self._load = LoadMonitor()
         self.drops: dict[str, int] = {}
         self.gro_batches = 0
+        self.tun_reads_after_write = 0  # TUN reads the UDP thread took (_help_tun)
         self._running = False
         self._stopped = threading.Event()
         self._threads: list[threading.Thread] = []
+        # Non-blocking TUN reads (net/tun.py TunDevice): the TUN thread waits for readability
+        # and then drains under _tun_lock, which the UDP thread may also take (_help_tun).
+        self._tun_lock = threading.Lock()
+        self._tun_wait: Callable[[], None] | None = getattr(tun, "wait_readable", None)
+        self._tun_groups = bool(getattr(tun, "offloads", False)) and hasattr(tun, "read_groups")
         self._send_packed: Callable[[memoryview, list[int], SockAddr], None] | None = getattr(
             transport, "send_packed", None)
 
@@ -297,53 +303,82 @@ class Device:
 
     def _tun_loop(self) -> None:
         tun = self.tun
-        # With TUN offloads: one group per kernel read (a TSO super-packet's segments, made in
-        # place); otherwise one group per peer of the plain packets read.
-        read_groups = getattr(tun, "read_groups", None) if getattr(tun, "offloads", False) \
-            else None
-        read_batch = getattr(tun, "read_batch", None)
-        read = tun.read
-        route = self.routes.peer_for_destination
-        send = self._send
+        pump = self._pump_tun
+        wait = self._tun_wait
+        if wait is None:  # a TUN twin without non-blocking reads: block in read_batch/read
+            read_batch = getattr(tun, "read_batch", None)
+            read = tun.read
+            while self._running:
+                try:
+                    packets = read_batch(TUN_BATCH) if read_batch else [read(RECEIVE_BUFFER)]
+                except Exception:  # TunClosed after stop(), or the device vanished
+                    if self._running:
+                        log.exception("TUN read failed; the link device stops reading")
+                    break
+                self._route_and_send(packets, False)
+            return
+        lock = self._tun_lock
         while self._running:
             try:
-                if read_groups is not None:
-                    groups: list[Any] = read_groups(TUN_BATCH)
-                    if len(groups) == 1:
-                        group = groups[0]
-                        peer = route(group.head)
-                        if peer is None:
-                            self._drop("no-route")
-                        else:
-                            send(peer, groups)
-                        continue
-                    heads = [g.head for g in groups]
-                else:
-                    groups = read_batch(TUN_BATCH) if read_batch else [read(RECEIVE_BUFFER)]
-                    if len(groups) == 1:
-                        peer = route(groups[0])
-                        if peer is None:
-                            self._drop("no-route")
-                        else:
-                            send(peer, [groups])
-                        continue
-                    heads = groups
+                wait()
+                # Take what is queued, batch after batch, then sleep again. The lock lets the
+                # UDP thread do the same right after it wrote to the TUN device (the replies
+                # and ACKs that write caused are queued by then): no thread wake-up for them,
+                # and reads and sends stay in one order.
+                with lock:
+                    while pump(0) >= TUN_BATCH:
+                        pass
             except Exception:  # TunClosed after stop(), or the device vanished
                 if self._running:
                     log.exception("TUN read failed; the link device stops reading")
                 break
-            # Keep each peer's packets in order and send each peer's share in one batch.
-            by_peer: dict[Peer, list[Any]] = {}
-            for head, group in zip(heads, groups):  # noqa: B905 (equal by construction)
-                peer = route(head)
-                if peer is None:
-                    self._drop("no-route")
-                elif peer in by_peer:
-                    by_peer[peer].append(group)
-                else:
-                    by_peer[peer] = [group]
-            for peer, share in by_peer.items():
-                send(peer, share if read_groups is not None else [share])
+
+    def _pump_tun(self, slot: int) -> int:
+        """Read what the TUN device has queued (without blocking) and send it; the number of
+        reads taken. Call with ``_tun_lock`` held."""
+        if self._tun_groups:
+            groups: list[Any] = self.tun.read_groups(  # type: ignore[attr-defined]
+                TUN_BATCH, block=False, slot=slot)
+        else:
+            groups = self.tun.read_batch(TUN_BATCH, block=False)  # type: ignore[call-arg]
+        if groups:
+            self._route_and_send(groups, self._tun_groups)
+        return len(groups)
+
+    def _route_and_send(self, groups: list[Any], segmented: bool) -> None:
+        """Inner packets read from the TUN device → their peers. ``segmented``: ``groups`` are
+        offload ``Segments`` (one read each, one destination each); else plain packets."""
+        route = self.routes.peer_for_destination
+        if len(groups) == 1:
+            peer = route(groups[0].head if segmented else groups[0])
+            if peer is None:
+                self._drop("no-route")
+            else:
+                self._send(peer, groups if segmented else [groups])
+            return
+        # Keep each peer's packets in order and send each peer's share in one batch.
+        by_peer: dict[Peer, list[Any]] = {}
+        for group in groups:
+            peer = route(group.head if segmented else group)
+            if peer is None:
+                self._drop("no-route")
+            elif peer in by_peer:
+                by_peer[peer].append(group)
+            else:
+                by_peer[peer] = [group]
+        for peer, share in by_peer.items():
+            self._send(peer, share if segmented else [share])
+
+    def _help_tun(self) -> None:
+        """From the UDP thread after a TUN write: send what that write made the kernel queue
+        (if the TUN thread is not busy doing so)."""
+        if self._tun_wait is not None and self._tun_lock.acquire(blocking=False):
+            try:
+                self.tun_reads_after_write += self._pump_tun(1)
+            except Exception:  # a closed device: the TUN thread reports it
+                log.debug("TUN read from the UDP thread failed", exc_info=True)
+            finally:
+                self._tun_lock.release()
 
     def _send(self, peer: Peer, groups: list[Any], keepalive: bool = False) -> None:
         """Seal and send inner packets (``[[b""]]`` with ``keepalive``), or stage them and
@@ -453,6 +488,7 @@ class Device:
         drop = self._drop
         deliver = self._deliver
         other = self._dispatch_other
+        help_tun = self._help_tun
         tun = self.tun
         write = tun.write
         write_batch = getattr(tun, "write_batch", None) or (
@@ -511,6 +547,7 @@ class Device:
                     write(inner[0])
                 else:
                     write_batch(inner)
+                help_tun()
             for done_peer, confirmed, rekey in after:
                 # After this batch's inner packets are written (staged packets follow them).
                 if confirmed:
@@ -760,5 +797,6 @@ class Device:
             "tun": self.tun.stats() if hasattr(self.tun, "stats") else {},
             "udp": {"gso": getattr(self.transport, "gso", False),
                     "gro": getattr(self.transport, "gro", False),
-                    "gro_batches": self.gro_batches},
+                    "gro_batches": self.gro_batches,
+                    "tun_reads_after_write": self.tun_reads_after_write},
         }

@@ -119,6 +119,9 @@ class TunIO(Protocol):
         self, max_packets: int = DEFAULT_BATCH, size: int = DEFAULT_READ_SIZE
     ) -> list[bytes]: ...
 
+    # Optional, used by the link device when present (TunDevice): ``read_batch(..., block=)``,
+    # ``read_groups(max_reads, block=, slot=)`` (offloads) and ``wait_readable()``.
+
     def write(self, packet: _Buffer) -> int: ...
 
     def write_batch(self, packets: Iterable[_Buffer]) -> int: ...
@@ -141,7 +144,7 @@ class TunDevice:
         self.offloads = offloads
         """True when reads may be TSO super-packets and writes GSO ones (virtio headers)."""
         self._pending: deque[_Buffer] = deque()  # segments of a split super-packet
-        self._read_bufs: list[bytearray] = []  # read_groups' frames, reused call to call
+        self._read_bufs: dict[int, list[bytearray]] = {}  # read_groups' frames by slot
         self.dropped_reads = 0
         """Frames from the kernel that could not be segmented."""
         self.super_reads = 0
@@ -278,17 +281,25 @@ class TunDevice:
             self._empty_read()
 
     def read_batch(
-        self, max_packets: int = DEFAULT_BATCH, size: int = DEFAULT_READ_SIZE
+        self, max_packets: int = DEFAULT_BATCH, size: int = DEFAULT_READ_SIZE, *,
+        block: bool = True,
     ) -> list[bytes]:
-        """Block for one packet, then take up to ``max_packets - 1`` more that are queued.
+        """Block for one packet, then take up to ``max_packets - 1`` more that are queued
+        (``block=False``: return ``[]`` at once when nothing is queued).
 
         With offloads, ``max_packets`` counts reads from the kernel; the result holds every
         segment of the super-packets read."""
-        frames = [self._read_raw(size if not self.offloads else DEFAULT_READ_SIZE)]
         fd = self._fd
+        read_size = size if not self.offloads else DEFAULT_READ_SIZE
+        if block:
+            frames = [self._read_raw(read_size)]
+        else:
+            if self._closed:
+                raise TunClosed(f"TUN device {self._name} is closed")
+            frames = []
         try:
             while len(frames) < max_packets:
-                data = os.read(fd, size)
+                data = os.read(fd, read_size)
                 if not data:
                     break
                 frames.append(data)
@@ -302,14 +313,19 @@ class TunDevice:
         self._pending.clear()
         return packets
 
-    def read_groups(self, max_reads: int = DEFAULT_BATCH) -> list[offload.Segments]:
-        """Offloads only: block for one read from the kernel, then take up to ``max_reads - 1``
-        more that are queued; each read becomes one :class:`~.offload.Segments` (its packets,
-        made lazily in place, share one destination).
+    def read_groups(self, max_reads: int = DEFAULT_BATCH, *, block: bool = True,
+                    slot: int = 0) -> list[offload.Segments]:
+        """Offloads only: block for one read from the kernel (``block=False``: return ``[]``
+        at once when nothing is queued), then take up to ``max_reads - 1`` more that are
+        queued; each read becomes one :class:`~.offload.Segments` (its packets, made lazily in
+        place, share one destination).
 
-        For **one reader thread**: the reads land in buffers this device owns and reuses, so
-        the groups and their packets are valid only until the next call."""
-        bufs = self._read_bufs
+        The reads land in buffers this device owns and reuses, one set per ``slot``: the
+        groups and their packets are valid only until the next call with the same slot, and
+        threads that may read at the same time must use different slots."""
+        bufs = self._read_bufs.get(slot)
+        if bufs is None:
+            bufs = self._read_bufs[slot] = []
         while len(bufs) < max_reads:
             bufs.append(bytearray(FRAME_BUFFER))
         fd = self._fd
@@ -318,6 +334,10 @@ class TunDevice:
             try:
                 n = readv(fd, (bufs[0],))
             except BlockingIOError:
+                if not block:
+                    if self._closed:
+                        raise TunClosed(f"TUN device {self._name} is closed") from None
+                    return []
                 self._wait()
                 continue
             except OSError as exc:
@@ -346,6 +366,10 @@ class TunDevice:
             if not n:
                 break
         return groups
+
+    def wait_readable(self) -> None:
+        """Block until a packet is queued (or the device is closed: :class:`TunClosed`)."""
+        self._wait()
 
     def _wait(self) -> None:
         """Sleep until the TUN descriptor or the self-pipe is readable (or in error)."""
