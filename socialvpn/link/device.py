@@ -565,6 +565,7 @@ class Device:
         rx_bytes = rx_packets = 0
         data = False
         sessions: list[Session] = []
+        allowed_source = b""
         for session, plaintext in opened:
             if not sessions or session is not sessions[-1]:
                 sessions.append(session)
@@ -576,13 +577,18 @@ class Device:
             except ProtocolError as exc:
                 self._drop(exc.reason)
                 continue
-            if source_allowed(peer, plaintext):
-                inner.append(plaintext if length == len(plaintext)
-                             else memoryview(plaintext)[:length])
-                rx_bytes += length
-                rx_packets += 1
-            else:
-                self._drop("source")
+            # Cryptokey routing: the peer must own the inner source. One lookup per source
+            # address and batch (the bytes of the address are compared instead).
+            source = plaintext[12:16] if plaintext[0] < 0x60 else plaintext[8:24]
+            if source != allowed_source:
+                if not source_allowed(peer, plaintext):
+                    self._drop("source")
+                    continue
+                allowed_source = source
+            inner.append(plaintext if length == len(plaintext)
+                         else memoryview(plaintext)[:length])
+            rx_bytes += length
+            rx_packets += 1
         confirmed = False
         with peer.lock:
             for session in sessions:

@@ -251,10 +251,15 @@ def _tso_segments(frame: memoryview, mss: int) -> Iterator[memoryview]:
             ident = (ident0 + index) & 0xFFFF
             pack16(frame, start + 2, ihl + tcp_len)
             pack16(frame, start + 4, ident)
-            pack16(frame, start + 10, ~_fold(ip_sum + ihl + tcp_len + ident) & 0xFFFF)
+            value = ip_sum + ihl + tcp_len + ident  # < 2^18: two folds are enough
+            value = (value & 0xFFFF) + (value >> 16)
+            value = (value & 0xFFFF) + (value >> 16)
+            pack16(frame, start + 10, ~value & 0xFFFF)
         else:
             pack16(frame, start + 4, tcp_len)
-        value = _fold(_sum16(frame[start + tcp_off : seg_end]) + pseudo + tcp_len)
+        value = _sum16(frame[start + tcp_off : seg_end]) + pseudo + tcp_len  # < 2^18
+        value = (value & 0xFFFF) + (value >> 16)
+        value = (value & 0xFFFF) + (value >> 16)
         pack16(frame, start + csum_at, ~value & 0xFFFF)
         yield frame[start:seg_end]
         if last:

@@ -145,6 +145,7 @@ class TunDevice:
         """True when reads may be TSO super-packets and writes GSO ones (virtio headers)."""
         self._pending: deque[_Buffer] = deque()  # segments of a split super-packet
         self._read_bufs: dict[int, list[bytearray]] = {}  # read_groups' frames by slot
+        self._poller: select.poll | None = None  # wait_readable's
         self.dropped_reads = 0
         """Frames from the kernel that could not be segmented."""
         self.super_reads = 0
@@ -368,8 +369,18 @@ class TunDevice:
         return groups
 
     def wait_readable(self) -> None:
-        """Block until a packet is queued (or the device is closed: :class:`TunClosed`)."""
-        self._wait()
+        """Block until a packet is queued (or the device is closed: :class:`TunClosed`).
+        For one waiting thread (it keeps one poll object)."""
+        poller = self._poller
+        if poller is None:
+            poller = self._poller = select.poll()
+            poller.register(self._fd, select.POLLIN)
+            poller.register(self._wake_r, select.POLLIN)
+        if self._closed:
+            raise TunClosed(f"TUN device {self._name} is closed")
+        poller.poll()
+        if self._closed:
+            raise TunClosed(f"TUN device {self._name} is closed")
 
     def _wait(self) -> None:
         """Sleep until the TUN descriptor or the self-pipe is readable (or in error)."""

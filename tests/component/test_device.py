@@ -198,3 +198,24 @@ def test_send_packed_keeps_datagram_boundaries(gso: bool) -> None:
     finally:
         rx.close()
         tx.close()
+
+
+def test_spoofed_sources_inside_a_batch_are_each_dropped(pair):
+    """The source check is cached per batch by address: every spoofed packet of a burst
+    (interleaved with good ones, IPv4) is still dropped, every good one delivered."""
+    a, b = pair
+    a.tun.inject(ipv4("10.9.0.1", "10.9.0.2", b"hello"))
+    assert b.tun.take_written(timeout=5).endswith(b"hello")
+    good, sources = [], ["10.9.0.1", "10.9.0.66", "10.9.0.1", "10.9.0.1", "10.9.0.67"] * 20
+    for i, src in enumerate(sources):
+        packet = ipv4(src, "10.9.0.2", b"%d" % i + bytes(1000))
+        if src == "10.9.0.1":
+            good.append(packet)
+        a.tun.inject(packet)
+    got = [b.tun.take_written(timeout=5) for _ in good]
+    assert got == good
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and b.drops.get("source", 0) < 40:
+        time.sleep(0.01)
+    assert b.drops == {"source": 40}
+    assert b.tun.written_packets() == []
