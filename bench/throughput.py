@@ -29,6 +29,7 @@ import platform
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +43,7 @@ from bench.common import emit
 from tests.kit import peers
 from tests.kit.links import (
     NIC_LIKE_FEATURES,
+    REPO,
     Iperf3Server,
     KeyPair,
     LinkPeer,
@@ -419,6 +421,10 @@ def markdown(report: dict[str, Any]) -> list[str]:
         f"({report['host']['cpu']}), kernel {report['host']['kernel']}. Two namespaces over "
         "one veth, inner MTU 1380. This machine is shared and noisy: read the ratios (same "
         "run, per round), not the absolute numbers.",
+        "",
+        f"Code: commit {str(report['code']['commit'])[:10]}"
+        + (" with local changes in socialvpn/" if report["code"]["socialvpn_modified"] else "")
+        + f" ({report['code']['path']}).",
     ]
     for sc in cfg["scenarios"]:
         lines += ["", f"### {sc}: {SCENARIOS[sc].description}", "",
@@ -452,8 +458,12 @@ def markdown(report: dict[str, Any]) -> list[str]:
     errors = [r for r in report["runs"] if "error" in r]
     if errors:
         lines += ["", "### Failures", ""]
-        lines += [f"- round {r['round'] + 1}, {r['scenario']}, {r['setup']}: {r['error'][:300]}"
-                  for r in errors]
+        lines += [f"- round {r['round'] + 1}, {r['scenario']}, {r['setup']}: "
+                  f"{' '.join(r['error'].split())[:300]}" for r in errors]
+    retried = [r for r in report["runs"] if r.get("retries")]
+    if retried:
+        lines += ["", "iperf3 runs retried once after a failure: " + ", ".join(
+            f"round {r['round'] + 1} {r['scenario']} {r['setup']}" for r in retried)]
     lines += ["", "CPU s/GB: user + system CPU of the VPN processes on both ends during the "
               "one-stream TCP run, per GB received (raw veth: kernel only, not counted). "
               "Underlay B/pkt: bytes per packet the sender's veth transmitted during that run "
@@ -479,6 +489,24 @@ def _signals_raise() -> Iterator[None]:
             signal.signal(s, h)
 
 
+def _code() -> dict[str, Any]:
+    """Which code ran: the commit, and whether socialvpn/ differed from it."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
+                                  timeout=10, check=False).stdout.strip()
+        except OSError:
+            return ""
+    commit = git("rev-parse", "HEAD")
+    if not commit:  # a snapshot (git archive) made for a run: it says where it came from
+        with contextlib.suppress(OSError):
+            commit = (REPO / ".git-commit").read_text().strip()
+        return {"commit": commit or None, "socialvpn_modified": False, "path": str(REPO)}
+    return {"commit": commit,
+            "socialvpn_modified": bool(git("status", "--porcelain", "--", "socialvpn")),
+            "path": str(REPO)}
+
+
 def _host() -> dict[str, Any]:
     cpu = "?"
     with contextlib.suppress(OSError):
@@ -501,6 +529,7 @@ def run_bench(setups: list[str], scenarios: list[str], rounds: int, seconds: int
         "schema": SCHEMA,
         "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "host": _host(),
+        "code": _code(),
         "config": {"setups": setups, "scenarios": scenarios, "rounds": rounds,
                    "seconds": seconds, "quick": quick, "inner_mtu": 1380,
                    "udp_offered": UDP_OFFERED, "udp_length": UDP_LENGTH,
