@@ -3,18 +3,26 @@
 This is the adapter that feeds the pure cores (``noise``, ``session``, ``timers``,
 ``ratelimit``) from real I/O, in the shape of wireguard-go's ``device/``:
 
-* the **TUN thread** reads inner packets, finds the peer by destination (cryptokey routing),
-  seals and sends them;
-* the **UDP thread** receives datagrams: transport messages are opened, checked against the
-  replay window and the peer's allowed source addresses, and written to the TUN device;
-  handshake messages go to a bounded queue; STUN goes to ``on_stun`` (ICE);
+* the **I/O thread** (``_io_loop``) polls the TUN device and the UDP socket. From the TUN it
+  takes inner packets (with offloads: TSO super-packets, cut into MSS segments in place), finds
+  the peer by destination (cryptokey routing), seals them into one buffer and sends it as UDP
+  GSO runs. From the socket it takes datagrams (with UDP GRO: batches): transport messages are
+  opened, checked against the replay window and the peer's allowed source addresses, and
+  written to the TUN device together (with offloads: a TCP flow's segments merged into one
+  GSO write); handshake messages go to a bounded queue; STUN goes to ``on_stun`` (ICE). One
+  thread for both directions: no GIL hand-over per batch, and a reply or ACK that a TUN write
+  makes the kernel queue is read on the next turn instead of waking another thread.
+  Transports or TUN twins that cannot be polled get the older layout, a **TUN thread** and a
+  **UDP thread** (also ``SOCIALVPN_LINK_THREADS=2``); ``serve`` adds UDP threads for extra
+  sockets. TUN reads happen under ``_tun_lock`` so packets leave in the order read.
 * the **handshake thread** verifies mac1, demands mac2 with a cookie reply and rate-limits per
   source when under load, and runs the Noise handshake;
 * the **timer thread** fires each peer's WireGuard timers (keepalive, retransmit, rekey, zero).
 
-Blocking, one packet per call, no asyncio on the packet path. Locks: ``_hs_lock`` serialises
-handshake state (rare), each peer's ``lock`` its sessions, timers and counters (one uncontended
-acquire per packet). A nonce is never reused: sealing happens under the peer lock.
+Blocking calls, no asyncio on the packet path. Locks: ``_hs_lock`` serialises handshake state
+(rare), each peer's ``lock`` its sessions, timers and counters (one uncontended acquire per
+batch). A nonce is never reused: send counters are reserved under the peer lock (one range per
+batch) and each is sealed once, outside it.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import select
 import struct
 import threading
 import time
@@ -58,6 +67,7 @@ MAX_STAGED_PACKETS = 128  # packets held per peer while a handshake is under way
 TIMER_TICK = 0.05  # the timer thread's resolution, seconds
 RECEIVE_BUFFER = 65536
 TUN_BATCH = 32  # inner packets taken from the TUN device per wake-up
+UDP_BUDGET = 8  # receives per turn of the one-thread loop before the TUN device gets a turn
 DEFAULT_MTU = 1380
 
 
@@ -174,6 +184,13 @@ class Device:
         self._tun_lock = threading.Lock()
         self._tun_wait: Callable[[], None] | None = getattr(tun, "wait_readable", None)
         self._tun_groups = bool(getattr(tun, "offloads", False)) and hasattr(tun, "read_groups")
+        self._write_batch: Callable[[list[Buffer]], object] | None = getattr(
+            tun, "write_batch", None)
+        # One thread for TUN and UDP when both can be polled (see _io_loop).
+        self.single_thread = (self._tun_wait is not None
+                              and hasattr(transport, "try_recv_segments")
+                              and hasattr(transport, "fileno") and hasattr(tun, "fileno")
+                              and os.environ.get("SOCIALVPN_LINK_THREADS") != "2")
         self._send_packed: Callable[[memoryview, list[int], SockAddr], None] | None = getattr(
             transport, "send_packed", None)
 
@@ -256,9 +273,11 @@ class Device:
 
     def start(self) -> None:
         self._running = True
+        loops: tuple[tuple[str, Callable[[], None]], ...] = (
+            (("io", self._io_loop),) if self.single_thread
+            else (("tun", self._tun_loop), ("udp", self._udp_loop)))
         for name, target in (
-            ("tun", self._tun_loop),
-            ("udp", self._udp_loop),
+            *loops,
             ("handshake", self._handshake_loop),
             ("timers", self._timer_loop),
         ):
@@ -483,16 +502,8 @@ class Device:
         view = memoryview(buf)
         main = io is None
         recv = (self.transport if io is None else io).recv_segments
-        index = self._index
-        clock = self._clock
-        drop = self._drop
-        deliver = self._deliver
-        other = self._dispatch_other
+        on_batch = self._on_datagrams
         help_tun = self._help_tun
-        tun = self.tun
-        write = tun.write
-        write_batch = getattr(tun, "write_batch", None) or (
-            lambda packets: [write(p) for p in packets])
         while self._running:
             try:
                 n, segment, addr = recv(buf)
@@ -500,60 +511,105 @@ class Device:
                 if self._running and main:
                     log.exception("UDP receive failed; the link device stops receiving")
                 break
-            if n == 0:
-                continue  # a wake-up, or an empty datagram
-            if segment < n:
-                self.gro_batches += 1
-            # Open every transport message of the batch (GRO: several datagrams of one sender
-            # back to back), then settle each peer's state once and write the inner packets
-            # together, so the TUN device can merge the segments of a TCP flow.
-            now = clock()
-            inner: list[Buffer] = []
-            after: list[tuple[Peer, bool, bool]] = []
-            peer: Peer | None = None
-            opened: list[tuple[Session, bytes]] = []
-            last_receiver = -1
-            entry: tuple[Peer, Session | None] | None = None
-            data = view[:n]
-            for offset in range(0, n, segment):
-                message = data[offset : offset + segment]
-                if (len(message) < MESSAGE_TRANSPORT_SIZE or message[0] != 4
-                        or message[1] | message[2] | message[3]):
-                    other(message, addr)
-                    continue
-                receiver = _U32LE.unpack_from(message, 4)[0]
-                if receiver != last_receiver:
-                    last_receiver = receiver
-                    entry = index.get(receiver)
-                if entry is None or entry[1] is None:
-                    drop("unknown-index")
-                    continue
-                session = entry[1]
-                try:
-                    plaintext = session.open(message, now)
-                except ProtocolError as exc:
-                    drop(exc.reason)
-                    continue
-                if entry[0] is not peer:
-                    if opened:
-                        deliver(peer, opened, addr, now, inner, after)  # type: ignore[arg-type]
-                        opened = []
-                    peer = entry[0]
-                opened.append((session, plaintext))
-            if opened:
-                deliver(peer, opened, addr, now, inner, after)  # type: ignore[arg-type]
-            if inner:
-                if len(inner) == 1:
-                    write(inner[0])
-                else:
-                    write_batch(inner)
+            if n and on_batch(view, n, segment, addr):
                 help_tun()
-            for done_peer, confirmed, rekey in after:
-                # After this batch's inner packets are written (staged packets follow them).
-                if confirmed:
-                    self._send_staged(done_peer)
-                if rekey:
-                    self._initiate(done_peer, now)
+
+    def _io_loop(self) -> None:
+        """The TUN device and the main UDP socket served by one thread (when both can be
+        polled): no GIL hand-over between a TUN and a UDP thread, and a reply that a TUN write
+        makes the kernel queue is read at once, without waking another thread."""
+        tun = self.tun
+        try_recv = self.transport.try_recv_segments  # type: ignore[attr-defined]
+        pump = self._pump_tun
+        on_batch = self._on_datagrams
+        buf = bytearray(RECEIVE_BUFFER)
+        view = memoryview(buf)
+        poller = select.poll()
+        poller.register(tun.fileno(), select.POLLIN)
+        poller.register(self.transport.fileno(), select.POLLIN)  # type: ignore[attr-defined]
+        lock = self._tun_lock
+        while self._running:
+            try:
+                poller.poll()
+                busy = True
+                while busy and self._running:
+                    busy = False
+                    with lock:
+                        if pump(0):
+                            busy = True
+                    for _ in range(UDP_BUDGET):
+                        got = try_recv(buf)
+                        if got is None:
+                            break
+                        busy = True
+                        n, segment, addr = got
+                        if n:
+                            on_batch(view, n, segment, addr)
+            except Exception:  # TunClosed after stop(), the device or the socket gone
+                if self._running:
+                    log.exception("link I/O failed; the link device stops its packet path")
+                break
+
+    def _on_datagrams(self, view: memoryview, n: int, segment: int, addr: SockAddr) -> bool:
+        """One receive (``n`` bytes in ``view``; GRO: datagrams of ``segment`` bytes back to
+        back, the last may be shorter). True if inner packets were written to the TUN."""
+        if segment < n:
+            self.gro_batches += 1
+        # Open every transport message of the batch, then settle each peer's state once and
+        # write the inner packets together, so the TUN device can merge a TCP flow's segments.
+        now = self._clock()
+        index = self._index
+        drop = self._drop
+        deliver = self._deliver
+        inner: list[Buffer] = []
+        after: list[tuple[Peer, bool, bool]] = []
+        peer: Peer | None = None
+        opened: list[tuple[Session, bytes]] = []
+        last_receiver = -1
+        entry: tuple[Peer, Session | None] | None = None
+        data = view[:n]
+        for offset in range(0, n, segment):
+            message = data[offset : offset + segment]
+            if (len(message) < MESSAGE_TRANSPORT_SIZE or message[0] != 4
+                    or message[1] | message[2] | message[3]):
+                self._dispatch_other(message, addr)
+                continue
+            receiver = _U32LE.unpack_from(message, 4)[0]
+            if receiver != last_receiver:
+                last_receiver = receiver
+                entry = index.get(receiver)
+            if entry is None or entry[1] is None:
+                drop("unknown-index")
+                continue
+            session = entry[1]
+            try:
+                plaintext = session.open(message, now)
+            except ProtocolError as exc:
+                drop(exc.reason)
+                continue
+            if entry[0] is not peer:
+                if opened:
+                    deliver(peer, opened, addr, now, inner, after)  # type: ignore[arg-type]
+                    opened = []
+                peer = entry[0]
+            opened.append((session, plaintext))
+        if opened:
+            deliver(peer, opened, addr, now, inner, after)  # type: ignore[arg-type]
+        if inner:
+            if len(inner) == 1:
+                self.tun.write(inner[0])
+            elif self._write_batch is not None:
+                self._write_batch(inner)
+            else:
+                for packet in inner:
+                    self.tun.write(packet)
+        for done_peer, confirmed, rekey in after:
+            # After this batch's inner packets are written (staged packets follow them).
+            if confirmed:
+                self._send_staged(done_peer)
+            if rekey:
+                self._initiate(done_peer, now)
+        return bool(inner)
 
     def _deliver(self, peer: Peer, opened: list[tuple[Session, bytes]], addr: SockAddr,
                  now: float, inner: list[Buffer], after: list[tuple[Peer, bool, bool]]
@@ -804,5 +860,6 @@ class Device:
             "udp": {"gso": getattr(self.transport, "gso", False),
                     "gro": getattr(self.transport, "gro", False),
                     "gro_batches": self.gro_batches,
-                    "tun_reads_after_write": self.tun_reads_after_write},
+                    "tun_reads_after_write": self.tun_reads_after_write,
+                    "loop": "one-thread" if self.single_thread else "tun+udp threads"},
         }

@@ -148,6 +148,24 @@ class UdpTransport:
                 return n, _GRO_SIZE.unpack_from(data)[0] or n, addr
         return n, n, addr
 
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def try_recv_segments(self, buf: bytearray) -> tuple[int, int, SockAddr] | None:
+        """:meth:`recv_segments` without blocking: None when nothing is queued."""
+        try:
+            if not self.gro:
+                n, addr = self.sock.recvfrom_into(buf, 0, socket.MSG_DONTWAIT)
+                return n, n, addr
+            n, ancdata, _flags, addr = self.sock.recvmsg_into((buf,), _CMSG_SPACE,
+                                                              socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
+        for level, kind, data in ancdata:
+            if level == SOL_UDP and kind == UDP_GRO and len(data) >= 4:
+                return n, _GRO_SIZE.unpack_from(data)[0] or n, addr
+        return n, n, addr
+
     def send_batch(self, messages: list[bytearray], addr: SockAddr) -> None:
         """Send datagrams to one destination, in order, with as few system calls as GSO allows:
         each run of equal-sized messages (the last of a run may be shorter) is one sendmsg."""
