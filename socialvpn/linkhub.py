@@ -3,6 +3,13 @@
 One TUN device and one ``GroupLinks`` per group, a signalling state machine per (group, peer
 device); signalling actions become XMPP messages and ICE calls, ICE events become signalling.
 Like agent.py it may import across subpackages.
+
+Always on: at start every group's TUN device and links come back from the stored documents,
+and peers with an entry in the endpoint cache (``endpoints.json`` in the state dir, 0600: the
+last working direct endpoint and our local port) get a WireGuard handshake at once, with no
+XMPP needed. net/monitor.py reports host address changes: links move off addresses that are
+gone and send at once (peers follow by roaming), XMPP drops a session on a lost address, and
+ICE starts over.
 """
 
 from __future__ import annotations

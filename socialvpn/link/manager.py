@@ -31,6 +31,20 @@ How the pieces fit:
   side does it: two initiations crossing each other cost a ``rekey_timeout`` (5 s).
 * The Device stays the only judge of packets: a path is just a pipe. A peer with no path keeps
   its sessions; its packets are dropped until a new path is attached.
+
+Direct paths (DESIGN.md §4.2) skip all of the above: when our side of the selected pair is a
+plain socket (host/srflx/prflx), :meth:`IceSession.take_socket` hands a duplicate of it over
+and the Device reads and writes it from its own threads (:class:`DirectSocket`: UDP GSO/GRO,
+blocking calls). Its addresses are ``(host, port, socket id)``, so :class:`LinkIO` (the
+Device's transport) sends out of the socket a peer was last heard on, and WireGuard roaming
+(an authenticated packet from a new address moves the endpoint) works as on any socket. STUN
+on it goes back to aioice on the loop (consent keeps working). Only relayed pairs use the
+MuxTransport. A direct socket outlives its ICE session: losing consent or re-signalling never
+stops a working WireGuard session; a newer pair replaces it (the old socket keeps receiving
+for :data:`DIRECT_GRACE` s). Our own wildcard sockets serve links restored from the endpoint
+cache (:meth:`GroupLinks.restore`) and links whose local address went away
+(:meth:`GroupLinks.network_changed`). Links that cross a NAT get WireGuard persistent keepalive
+(``keepalive``, config ``[link] keepalive``): that, not ICE consent, keeps NAT mappings.
 """
 
 from __future__ import annotations
