@@ -524,27 +524,32 @@ class Device:
         on_batch = self._on_datagrams
         buf = bytearray(RECEIVE_BUFFER)
         view = memoryview(buf)
+        tun_fd = tun.fileno()
+        udp_fd = self.transport.fileno()  # type: ignore[attr-defined]
         poller = select.poll()
-        poller.register(tun.fileno(), select.POLLIN)
-        poller.register(self.transport.fileno(), select.POLLIN)  # type: ignore[attr-defined]
+        poller.register(tun_fd, select.POLLIN)
+        poller.register(udp_fd, select.POLLIN)
+        poll = poller.poll
         lock = self._tun_lock
         while self._running:
             try:
-                poller.poll()
-                busy = True
-                while busy and self._running:
-                    busy = False
-                    with lock:
-                        if pump(0):
-                            busy = True
+                tun_ready = udp_ready = False
+                for fd, _events in poll():
+                    if fd == tun_fd:
+                        tun_ready = True
+                    else:
+                        udp_ready = True
+                if udp_ready:
                     for _ in range(UDP_BUDGET):
                         got = try_recv(buf)
                         if got is None:
                             break
-                        busy = True
                         n, segment, addr = got
-                        if n:
-                            on_batch(view, n, segment, addr)
+                        if n and on_batch(view, n, segment, addr):
+                            tun_ready = True  # the write may have queued replies or ACKs
+                if tun_ready and self._running:
+                    with lock:  # one batch per turn: the UDP side (ACKs) is not starved
+                        pump(0)
             except Exception:  # TunClosed after stop(), the device or the socket gone
                 if self._running:
                     log.exception("link I/O failed; the link device stops its packet path")
