@@ -551,7 +551,8 @@ class _Link:
         self.allowed_ips = allowed_ips
         self.session: IceSession | None = None
         self.task: asyncio.Task[None] | None = None
-        self.state = "idle"
+        self.state = "idle"  # idle | connecting | up (ICE selected a path) | failed
+        self.confirmed = False  # a WireGuard session worked on this ICE path (see peer_stats)
         self.result: IceResult | None = None
         self.reason = ""
         self.controlling = False
@@ -760,6 +761,7 @@ class GroupLinks:
         old, link.direct, link.transport = link.direct, None, "ice-relay"
         self._release(old, later=True)
         link.state = "up"
+        link.confirmed = False
         link.result = result
         link.reason = ""
         link.controlling = initiate
@@ -786,6 +788,7 @@ class GroupLinks:
         self.mux.detach(peer_id)
         self._use_direct(link, direct, result.remote_addr, "direct-socket", crosses_nat(result))
         link.state = "up"
+        link.confirmed = False
         link.result = result
         link.reason = ""
         link.controlling = initiate
@@ -932,6 +935,9 @@ class GroupLinks:
     # -- what people and tests look at --
 
     def peer_stats(self, peer_id: str) -> dict[str, Any]:
+        """One peer's row. ``state``: ``idle``, ``connecting`` (ICE), ``handshake`` (ICE
+        selected a path, no WireGuard session yet), ``up`` (both: the link carries packets)
+        or ``failed`` (``reason`` says why)."""
         link = self._links[peer_id]
         result = link.result if link.state == "up" else None
         stats: dict[str, Any] = {
@@ -958,6 +964,13 @@ class GroupLinks:
             endpoint = self.device.endpoint_of(link.public_key)
             device_stats.pop("endpoint", None)  # the token: remote_endpoint says where
             stats.update(device_stats)
+            if link.state == "up" and not link.confirmed:
+                # "up" means the link carries packets: ICE selected a path AND WireGuard has a
+                # confirmed session (an initiator's after the response, a responder's after
+                # the first packet on it). Until then the peer is in "handshake". Once seen
+                # the flag stays for this path (a session that later expires on an idle link
+                # is renewed on demand, the link is still up).
+                link.confirmed = device_stats.get("session_age") is not None
             if endpoint is not None and len(endpoint) == 3:
                 direct = link.direct
                 stats["transport"] = link.transport
@@ -965,6 +978,8 @@ class GroupLinks:
                 stats["local_port"] = direct.local[1] if direct is not None else None
             elif endpoint is not None and self.mux.attached(peer_id):
                 stats["transport"] = "ice-relay"
+        if link.state == "up" and not link.confirmed:
+            stats["state"] = "handshake"
         return stats
 
     def datapath(self) -> str:

@@ -310,6 +310,45 @@ async def test_group_links_over_pipes() -> None:
         assert time.monotonic() - started < 6.0
 
 
+async def _state(node: Node, peer: str, want: str, timeout: float = 5.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while (row := node.links.peer_stats(peer))["state"] != want:
+        assert time.monotonic() < deadline, row
+        await asyncio.sleep(0.02)
+    return row
+
+
+async def test_up_means_the_wireguard_handshake_completed() -> None:
+    """ICE selecting a path is not enough for "up": until WireGuard has a session the peer is
+    in "handshake" (a ping sent then waits for the handshake, and may time out)."""
+    a, b = Node("a", "10.9.0.1"), Node("b", "10.9.0.2")
+    a.links.start()
+    b.links.start()
+    try:
+        a.links.set_peer("b", b.public, ("10.9.0.2/32",))
+        b.links.set_peer("a", a.public, ("10.9.0.1/32",))
+        ab, ba = Pipe.pair("a", "b")
+        a.links.attach_path("b", ab)  # a's ICE is done, b's not yet: the initiation waits
+        await asyncio.sleep(0.2)
+        row = a.links.peer_stats("b")
+        assert row["state"] == "handshake" and row["last_handshake"] is None, row
+        assert [e.kind for e in a.events] == ["connected"]
+        b.links.attach_path("a", ba, initiate=False)
+        row = await _state(a, "b", "up")  # the initiator: once the response is in
+        assert row["last_handshake"] and row["handshakes"] >= 1
+        row = await _state(b, "a", "up")  # the responder: once a packet came on the session
+        assert row["last_handshake"]
+        # a new ICE path over the same WireGuard session is up at once, no new handshake
+        handshakes = a.links.peer_stats("b")["handshakes"]
+        ab2, ba2 = Pipe.pair("a", "b")
+        b.links.attach_path("a", ba2, initiate=False)
+        a.links.attach_path("b", ab2)
+        assert a.links.peer_stats("b")["state"] == "up"
+        assert a.links.peer_stats("b")["handshakes"] == handshakes
+    finally:
+        await asyncio.gather(a.links.stop(), b.links.stop())
+
+
 async def test_start_ice_needs_a_known_peer_and_a_running_manager() -> None:
     a = Node("a", "10.9.0.1")
     a.links.start()
