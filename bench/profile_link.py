@@ -26,7 +26,8 @@ from tests.kit.links import Iperf3Server, iperf3, ours_pair, tcp_mbps
 from tests.kit.netns import NetLab
 
 PY_SPY = Path(sys.executable).with_name("py-spy")
-IDLE_LEAVES = ("Condition.wait ", "Event.wait ", "Queue.get ", "TunDevice._wait ")
+IDLE_LEAVES = ("Condition.wait ", "Event.wait ", "Queue.get ", "TunDevice._wait ",
+               "TunDevice.wait_readable ")
 """Frames where a thread only sleeps (py-spy's own idle detection does not work on this
 kernel: it counted the timer thread's ``Condition.wait`` as busy)."""
 
