@@ -37,8 +37,8 @@ def first_ping(agent: AgentProc, address: str, timeout: float = 60.0) -> float:
 def join_times(rounds: int) -> tuple[list[float], list[float]]:
     direct: list[float] = []
     turn: list[float] = []
-    tmp = Path(tempfile.mkdtemp(prefix="svpn-bench-join-"))
-    with NetLab() as lab, Internet(lab, tmp, ThrowawayCA.create(tmp / "ca")) as net:
+    with tempfile.TemporaryDirectory(prefix="svpn-bench-join-") as tmp_dir, NetLab() as lab, \
+            Internet(lab, Path(tmp_dir), ThrowawayCA.create(Path(tmp_dir) / "ca")) as net:
         alice = net.agent("alice", net.site("alice"))
         bob = net.agent("bob", net.site("bob", "eim"))
         carol = net.agent("carol", net.site("carol", "symmetric"))
@@ -69,8 +69,8 @@ def join_times(rounds: int) -> tuple[list[float], list[float]]:
 
 
 def mesh_time(devices: int) -> float:
-    tmp = Path(tempfile.mkdtemp(prefix="svpn-bench-mesh-"))
-    with NetLab() as lab, Internet(lab, tmp, ThrowawayCA.create(tmp / "ca")) as net:
+    with tempfile.TemporaryDirectory(prefix="svpn-bench-mesh-") as tmp_dir, NetLab() as lab, \
+            Internet(lab, Path(tmp_dir), ThrowawayCA.create(Path(tmp_dir) / "ca")) as net:
         agents = [net.agent(f"m{i}", net.site(f"m{i}")) for i in range(devices)]
         for a in agents:
             a.wait_connected(timeout=30)

@@ -22,7 +22,11 @@ from tests.kit.prosody import Prosody
 
 
 def measure(runs: int) -> list[tuple[float, float]]:
-    root = Path(tempfile.mkdtemp(prefix="svpn-bench-signin-"))
+    with tempfile.TemporaryDirectory(prefix="svpn-bench-signin-") as tmp_dir:
+        return _measure(Path(tmp_dir), runs)
+
+
+def _measure(root: Path, runs: int) -> list[tuple[float, float]]:
     ca = ThrowawayCA.create(root / "ca")
     results = []
     with Prosody(root / "prosody", ca=ca, log_level="info") as server:
