@@ -4,9 +4,10 @@
   browser), with a fresh profile and no background network traffic.
 - :class:`FakeAgent` implements the local API's ``AgentAPI`` from canned data and records every
   call, for unit tests and for the page-weight benchmark (``peers=50``).
-- :class:`Forwarder` forwards a TCP port on the root namespace's loopback to an address inside
-  a network namespace (an agent's dashboard on its own 127.0.0.1:7387), so a browser in the
-  root namespace reaches it; the port differs, which the dashboard's Host check allows.
+- :class:`Forwarder` (:mod:`tests.kit.forward`) forwards a TCP port on the root namespace's
+  loopback to an address inside a network namespace (an agent's dashboard on its own
+  127.0.0.1:7387), so a browser in the root namespace reaches it; the port differs, which the
+  dashboard's Host check allows.
 - :func:`artifacts_dir`: where screenshots go (``$SOCIALVPN_ARTIFACTS`` or
   ``test-artifacts/``, gitignored).
 """
@@ -16,8 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import selectors
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.kit.netns import in_netns
+from tests.kit.forward import Forwarder as Forwarder  # re-exported for the dashboard tests
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -187,100 +186,6 @@ class FakeAgent:
     async def group_leave(self, name: str) -> dict[str, Any]:
         self.calls.append(("group_leave", name))
         return {"group": name, "result": "left"}
-
-
-# --- a TCP forwarder into a namespace -------------------------------------------------------
-
-
-class Forwarder:
-    """``127.0.0.1:<port>`` in the root namespace → ``target`` inside namespace ``netns``.
-
-    One thread accepts; each connection is pumped by one thread with a selector, both
-    directions. ``close()`` stops everything and joins the threads (bounded)."""
-
-    def __init__(self, netns: str, target: tuple[str, int] = ("127.0.0.1", 7387)) -> None:
-        self.netns = netns
-        self.target = target
-        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(64)
-        self._listener.settimeout(0.2)
-        self.port = int(self._listener.getsockname()[1])
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._accepter = threading.Thread(target=self._accept, name="fwd-accept", daemon=True)
-        self._accepter.start()
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            t = threading.Thread(target=self._pump, args=(client,), name="fwd-pump",
-                                 daemon=True)
-            self._threads = [x for x in self._threads if x.is_alive()] + [t]
-            t.start()
-
-    def _pump(self, client: socket.socket) -> None:
-        try:
-            upstream = in_netns(self.netns, lambda: socket.socket(socket.AF_INET,
-                                                                  socket.SOCK_STREAM))
-            upstream.settimeout(5)
-            upstream.connect(self.target)
-        except OSError:
-            client.close()
-            return
-        sel = selectors.DefaultSelector()
-        pairs = {client: upstream, upstream: client}
-        for s in pairs:
-            s.setblocking(False)
-            sel.register(s, selectors.EVENT_READ)
-        try:
-            while not self._stop.is_set():
-                for key, _ in sel.select(0.2):
-                    src: socket.socket = key.fileobj  # type: ignore[assignment]
-                    try:
-                        data = src.recv(65536)
-                    except BlockingIOError:
-                        continue
-                    except OSError:
-                        return
-                    if not data:
-                        return
-                    dst = pairs[src]
-                    dst.setblocking(True)
-                    dst.settimeout(5)
-                    try:
-                        dst.sendall(data)
-                    except OSError:
-                        return
-                    dst.setblocking(False)
-        finally:
-            sel.close()
-            for s in pairs:
-                s.close()
-
-    def close(self) -> None:
-        self._stop.set()
-        with contextlib.suppress(OSError):
-            self._listener.close()
-        self._accepter.join(2)
-        for t in self._threads:
-            t.join(2)
-
-    def __enter__(self) -> Forwarder:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 # --- running the app with a fake agent in a thread (for sync Playwright code) ---------------

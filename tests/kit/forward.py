@@ -5,6 +5,9 @@ this machine cannot reach. ``python -m tests.kit.forward 7401:NS:127.0.0.1:7387 
 on 127.0.0.1:7401 here and, per accepted connection, opens the upstream socket inside ``NS``
 (a thread joins the namespace just to create it, see :func:`tests.kit.netns.in_netns`) and
 copies bytes both ways until either side closes. Runs until SIGTERM/SIGINT.
+
+:class:`Forwarder` is the same forwarder in a thread of the calling process, on a free port
+(the dashboard tests use it).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import contextlib
 import signal
 import socket
 import sys
+import threading
 from dataclasses import dataclass
 
 from tests.kit.netns import in_netns
@@ -95,6 +99,48 @@ async def serve(routes: list[Route], host: str = "127.0.0.1") -> None:
     await stop.wait()
     for server in servers:
         server.close()
+
+
+class Forwarder:
+    """``127.0.0.1:<free port>`` here → ``target`` inside namespace ``netns``, served by an
+    event loop in a thread until :meth:`close` (bounded joins; open connections are dropped)."""
+
+    def __init__(self, netns: str, target: tuple[str, int] = ("127.0.0.1", 7387)) -> None:
+        route = Route(0, netns, *target)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="forward",
+                                        daemon=True)
+        self._thread.start()
+        self._server = asyncio.run_coroutine_threadsafe(asyncio.start_server(
+            lambda r, w: _handle(route, r, w), "127.0.0.1", 0), self.loop).result(10)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _shutdown(self) -> None:
+        self._server.close()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def close(self) -> None:
+        if self.loop.is_closed():
+            return
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop).result(5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+    def __enter__(self) -> Forwarder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def main(argv: list[str] | None = None) -> int:
