@@ -31,21 +31,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
-import signal
 import socket
 import struct
 import subprocess
-import tempfile
 import time
-import weakref
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any
 
 from tests.kit.netns import Netns
-from tests.kit.procs import kill_pids, proc_cmdlines
+from tests.kit.server import ServerProcess, cleanup_stale
 
 DEFAULT_REALM = "svpn.test"
 DEFAULT_USER = "svpn"
@@ -86,35 +81,12 @@ def stun_binding_ok(sock: socket.socket, server: tuple[str, int], timeout: float
         return False
 
 
-def _finalize(workdir: str, owns: bool) -> None:
-    """Last resort (exit or GC without close()): kill servers using ``workdir``, remove it."""
-    me = os.getpid()
-    kill_pids([pid for pid, cmd in proc_cmdlines() if pid != me and "turnserver" in cmd
-           and workdir in cmd], grace=1.0)
-    if owns:
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
 def cleanup_stale_coturn() -> list[int]:
     """Kill kit coturn servers whose creating process is gone; remove their work dirs.
 
     Never touches a server of a run that is still going (its creator pid is alive).
     """
-    pattern = re.compile(re.escape(WORKDIR_PREFIX) + r"(\d+)-")
-    me = os.getpid()
-    stale = []
-    for pid, cmd in proc_cmdlines():
-        found = pattern.search(cmd)
-        if pid != me and "turnserver" in cmd and found and not Path(
-            f"/proc/{found.group(1)}"
-        ).exists():
-            stale.append(pid)
-    kill_pids(stale, grace=STOP_TIMEOUT)
-    for workdir in Path(tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*"):
-        found = pattern.match(workdir.name)
-        if found and not Path(f"/proc/{found.group(1)}").exists():
-            shutil.rmtree(workdir, ignore_errors=True)
-    return stale
+    return cleanup_stale(WORKDIR_PREFIX, "turnserver", STOP_TIMEOUT)
 
 
 def _has_default_route(ns: Netns | None) -> bool:
@@ -125,12 +97,14 @@ def _has_default_route(ns: Netns | None) -> bool:
     return bool(out.stdout.strip())
 
 
-class Coturn:
+class Coturn(ServerProcess):
     """One coturn server (STUN + TURN over UDP/TCP) on ``ip:port`` inside ``netns``.
 
     ``netns=None`` runs it in the caller's namespace (then ``ip`` must exist there).
     ``relay_ip`` defaults to ``ip``; ``external_ip`` is only for a server behind NAT.
     """
+
+    stop_timeout = STOP_TIMEOUT
 
     def __init__(
         self,
@@ -168,23 +142,12 @@ class Coturn:
         self.max_port = max_port
         self.verbose = verbose
         self.start_timeout = start_timeout
-        self._owns_workdir = workdir is None
-        self.workdir = Path(
-            workdir
-            if workdir is not None
-            else tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-")
-        )
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.workdir, 0o700)
+        self._make_workdir(workdir, WORKDIR_PREFIX)
         self.log_path = self.workdir / "turnserver.log"
         self.console_path = self.workdir / "console.log"
         self.pid_path = self.workdir / "turnserver.pid"
         self.db_path = self.workdir / "turndb"
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._console: IO[Any] | None = None
-        self._finalizer = weakref.finalize(
-            self, _finalize, str(self.workdir), self._owns_workdir
-        )
+        self._track(["turnserver", str(self.workdir)])
 
     # --- what clients use ------------------------------------------------------------------
 
@@ -196,13 +159,6 @@ class Coturn:
     def turn_credentials(self) -> tuple[str, int, str, str]:
         """``(host, port, username, password)`` for a TURN client."""
         return (self.ip, self.port, self.user, self.password)
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
-
-    def running(self) -> bool:
-        return self.pid is not None
 
     def command(self) -> list[str]:
         """The ``turnserver`` argv (without the namespace prefix)."""
@@ -265,21 +221,7 @@ class Coturn:
             if self.netns is None:
                 raise CoturnError("coturn needs a default route (see TESTBED.md)")
             self.netns.add_sink_default_route()
-        prefix = self.netns.exec_prefix if self.netns is not None else []
-        self._console = open(self.console_path, "ab")  # noqa: SIM115 (closed in stop())
-        try:
-            self._proc = subprocess.Popen(
-                [*prefix, *self.command()],
-                stdin=subprocess.DEVNULL,
-                stdout=self._console,
-                stderr=subprocess.STDOUT,
-                cwd=self.workdir,
-                start_new_session=True,
-            )
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
+        self._spawn(self.command())
 
     def _wait_ready(self) -> None:
         assert self._proc is not None
@@ -305,41 +247,7 @@ class Coturn:
         with self._socket() as sock:
             return stun_binding_ok(sock, self.stun_address, timeout)
 
-    def stop(self) -> None:
-        """SIGTERM, SIGKILL after a grace period; waits for the process to be gone."""
-        proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=STOP_TIMEOUT)
-        if self._console is not None:
-            self._console.close()
-            self._console = None
-
-    def close(self) -> None:
-        """Stop and remove the work dir (if the kit made it)."""
-        self.stop()
-        self._finalizer()
-
-    def __enter__(self) -> Coturn:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
     # --- logs ------------------------------------------------------------------------------
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
 
     def diagnostics(self, lines: int = 30) -> str:
         out = []

@@ -22,23 +22,17 @@ Measured here: start to "accepting c2s" ~0.6 s (plus VM boot ~1 s); ``register``
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import secrets
-import shutil
-import signal
 import subprocess
-import tempfile
-import time
-import weakref
 from pathlib import Path
-from typing import IO, Any
 
 from tests.kit.ca import CertFiles, ThrowawayCA
 from tests.kit.netns import Netns
-from tests.kit.ports import free_port, port_is_free, tcp_connect_ok
+from tests.kit.ports import free_port, port_is_free
 from tests.kit.procs import kill_matching
+from tests.kit.server import XmppServerProcess, kill_stale
 
 ERL = "/usr/bin/erl"
 ERL_LIBS = "/usr/lib/x86_64-linux-gnu"  # where Debian puts ejabberd's own Erlang apps
@@ -64,19 +58,17 @@ def _yaml_str(value: str | Path) -> str:
     return f'"{text}"'
 
 
-def _finalize(marker: str, workdir: Path | None) -> None:
-    kill_matching(lambda cmd: marker in cmd, grace=STOP_TIMEOUT)
-    if workdir is not None:
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-class Ejabberd:
+class Ejabberd(XmppServerProcess):
     """One ejabberd node with its own config, Mnesia spool, log and cookie in ``workdir``.
 
     STARTTLS is required on c2s with a certificate for ``domain`` from ``ca``; no s2s, HTTP,
     STUN or MQTT listeners; no shaper on clients (the Debian default config limits them to
     3 kB/s). ``stop()`` keeps the spool, so ``start()`` again keeps the accounts.
     """
+
+    _label = "ejabberd"
+    _error = EjabberdError
+    stop_timeout = STOP_TIMEOUT  # the VM shuts down cleanly on SIGTERM (~3 s)
 
     def __init__(
         self,
@@ -98,12 +90,7 @@ class Ejabberd:
         self.start_timeout = start_timeout
         self.port = port if port is not None else free_port("tcp", self.host, netns=netns)
         self.dist_port = free_port("tcp", "127.0.0.1", netns=netns)
-        self._owns_workdir = workdir is None
-        self.workdir = Path(
-            workdir
-            if workdir is not None
-            else tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-")
-        )
+        self._make_workdir(workdir, WORKDIR_PREFIX)
         self.node = f"svpnej{os.getpid()}x{secrets.token_hex(3)}@localhost"
         self.config_path = self.workdir / "ejabberd.yml"
         self.log_path = self.workdir / "ejabberd.log"
@@ -111,24 +98,9 @@ class Ejabberd:
         self.spool = self.workdir / "spool"
         self._ca = ca
         self.cert = cert
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._console: IO[Any] | None = None
-        self._log_offset = 0
-        self._finalizer = weakref.finalize(
-            self, _finalize, self.node, self.workdir if self._owns_workdir else None
-        )
-        try:
-            self.workdir.mkdir(parents=True, exist_ok=True)
-            os.chmod(self.workdir, 0o700)
-            if self.cert is None:
-                if self._ca is None:
-                    self._ca = ThrowawayCA.create(self.workdir / "ca")
-                self.cert = self._ca.issue_server([domain], directory=self.workdir / "certs")
-            self._write_files()
-        except BaseException:
-            if self._owns_workdir:
-                shutil.rmtree(self.workdir, ignore_errors=True)
-            raise
+        # any VM of this node name is ours alone (pid + random suffix)
+        self._track([self.node], grace=STOP_TIMEOUT)
+        self._prepare_files(self.workdir / "certs")
 
     # --- files -----------------------------------------------------------------------------
 
@@ -188,28 +160,6 @@ modules:
   mod_admin_extra: {{}}
 """
 
-    # --- properties ------------------------------------------------------------------------
-
-    @property
-    def ca_file(self) -> Path | None:
-        if self._ca is not None:
-            return self._ca.ca_file
-        return self.cert.ca_file if self.cert is not None else None
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return (self.host, self.port)
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
-
-    def running(self) -> bool:
-        return self.pid is not None
-
-    def jid(self, user: str) -> str:
-        return f"{user}@{self.domain}"
-
     # --- lifecycle -------------------------------------------------------------------------
 
     def _env(self) -> dict[str, str]:
@@ -234,83 +184,22 @@ modules:
             return
         if not port_is_free(self.port, "tcp", self.host, netns=self.netns):
             raise EjabberdError(f"port {self.host}:{self.port} is busy; not starting ejabberd")
-        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        prefix = self.netns.exec_prefix if self.netns is not None else []
-        self._console = open(self.console_path, "ab")  # noqa: SIM115 (closed in stop())
-        cmd = [*prefix, ERL, "-sname", self.node, *self._dist_args(), "+K", "true",
-               "+P", "250000", "-noinput", "-mnesia", "dir", f'"{self.spool}"', "-s", "ejabberd"]
-        try:
-            self._proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=self._console, stderr=subprocess.STDOUT,
-                cwd=self.workdir, env=self._env(), start_new_session=True)
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
+        self._mark_log_start()
+        self._spawn([ERL, "-sname", self.node, *self._dist_args(), "+K", "true", "+P", "250000",
+                     "-noinput", "-mnesia", "dir", f'"{self.spool}"', "-s", "ejabberd"],
+                    env=self._env())
 
-    def _wait_ready(self) -> None:
-        assert self._proc is not None
-        needle = f"Start accepting TCP connections at {self.host}:{self.port} for ejabberd_c2s"
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise EjabberdError(f"ejabberd exited with {self._proc.returncode} while "
-                                    f"starting\n{self.diagnostics()}")
-            if needle in self.log_text(since_start=True) and tcp_connect_ok(
-                    self.host, self.port, timeout=0.5, netns=self.netns):
-                return
-            time.sleep(0.1)
-        raise EjabberdError(f"ejabberd not ready on {self.host}:{self.port} within "
-                            f"{self.start_timeout}s\n{self.diagnostics()}")
-
-    def begin_stop(self) -> None:
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-
-    def stop(self) -> None:
-        """SIGTERM (the VM shuts down cleanly), SIGKILL after 10 s. Idempotent; keeps data."""
-        self.begin_stop()
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            if proc.poll() is None:
-                try:
-                    proc.wait(timeout=STOP_TIMEOUT)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        proc.wait(timeout=STOP_TIMEOUT)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)  # helpers (inet_gethost) of its session
-        # belt and braces: any VM of this node name (ours alone: pid + random suffix)
-        kill_matching(lambda cmd: self.node in cmd, grace=1.0)
-        if self._console is not None:
-            self._console.close()
-            self._console = None
-
-    def close(self) -> None:
-        self.stop()
-        if self._owns_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-        self._finalizer.detach()
-
-    def __enter__(self) -> Ejabberd:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def _ready_line(self) -> str:
+        return f"Start accepting TCP connections at {self.host}:{self.port} for ejabberd_c2s"
 
     # --- accounts --------------------------------------------------------------------------
 
     def ctl(self, *args: str, timeout: float = CTL_TIMEOUT) -> str:
         """``ejabberdctl ARGS...`` against this node (a hidden node that never listens)."""
-        prefix = self.netns.exec_prefix if self.netns is not None else []
         ctl_node = f"ctl{os.getpid()}x{secrets.token_hex(3)}@localhost"
-        cmd = [*prefix, ERL, "-sname", ctl_node, *self._dist_args(), "-dist_listen", "false",
-               "-hidden", "-noinput", "-s", "ejabberd_ctl", "-extra", self.node, *args]
+        cmd = self._in_netns([ERL, "-sname", ctl_node, *self._dist_args(), "-dist_listen",
+                              "false", "-hidden", "-noinput", "-s", "ejabberd_ctl", "-extra",
+                              self.node, *args])
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                                   env=self._env(), cwd=self.workdir, stdin=subprocess.DEVNULL,
@@ -330,34 +219,7 @@ modules:
         self.ctl("register", user, self.domain, password)
         return self.jid(user)
 
-    # --- logs ------------------------------------------------------------------------------
-
-    def log_text(self, *, since_start: bool = False) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                if since_start:
-                    f.seek(self._log_offset)
-                return f.read().decode(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
-
-    def diagnostics(self) -> str:
-        try:
-            console = self.console_path.read_text(errors="replace")[-2000:]
-        except FileNotFoundError:
-            console = ""
-        return f"--- log tail ({self.log_path}) ---\n{self.log_tail()}\n--- console ---\n{console}"
-
 
 def cleanup_stale_ejabberd() -> list[int]:
     """Kill kit ejabberd nodes whose creating process is gone (their names carry its pid)."""
-    pattern = re.compile(r"-sname (?:svpnej|ctl)(\d+)x")
-
-    def stale(cmd: str) -> bool:
-        found = pattern.search(cmd)
-        return bool(found) and not Path(f"/proc/{found.group(1)}").exists()
-
-    return kill_matching(stale, grace=STOP_TIMEOUT)
+    return kill_stale(re.compile(r"-sname (?:svpnej|ctl)(\d+)x"), STOP_TIMEOUT)

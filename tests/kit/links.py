@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from tests.kit.netns import Netns
+from tests.kit.procs import end_process
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -199,13 +200,7 @@ class WgGoLink:
         return result
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        end_process(self.proc)
         self.ns.ip("link", "del", self.ifname, check=False)
 
 

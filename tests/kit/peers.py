@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives.serialization import (
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tests.kit.netns import Netns
+from tests.kit.procs import end_process
 
 INNER_MTU = 1380
 TINC_CIPHER = ("Blowfish-CBC + HMAC-SHA1/32 (tinc 1.0 defaults: Cipher, Digest, MACLength "
@@ -105,13 +106,7 @@ class DaemonLink:
                              f"{self.log_tail()}")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        end_process(self.proc)
         self.ns.ip("link", "del", self.ifname, check=False)
 
 

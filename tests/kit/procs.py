@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -43,3 +44,14 @@ def kill_matching(match: Callable[[str], bool], grace: float) -> list[int]:
     pids = [pid for pid, cmd in proc_cmdlines() if pid != me and match(cmd)]
     kill_pids(pids, grace)
     return pids
+
+
+def end_process(proc: subprocess.Popen[bytes] | None, timeout: float = 5.0) -> None:
+    """Terminate a child we started if it still runs; kill it after ``timeout`` seconds."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)

@@ -27,27 +27,23 @@ only fires the ``authentication-failure`` event). The kit loads a tiny plugin of
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import re
 import shutil
-import signal
 import ssl
 import subprocess
-import tempfile
 import time
 import uuid
-import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import Literal
 
 from tests.kit.ca import CertFiles, ThrowawayCA
 from tests.kit.netns import Netns
-from tests.kit.ports import free_port, port_is_free, tcp_connect_ok
-from tests.kit.procs import kill_matching
+from tests.kit.ports import free_port, port_is_free
+from tests.kit.server import XmppServerProcess, cleanup_stale
 
 DEFAULT_DOMAIN = "svpn.test"
 AUTH_FAILURE_MARK = "svpn-kit: authentication failure"
@@ -103,12 +99,6 @@ def _lua_str(value: str | Path) -> str:
     return f'"{text}"'
 
 
-def _finalize(config: str, workdir: Path | None) -> None:
-    kill_matching(lambda cmd: config in cmd, grace=1.0)
-    if workdir is not None:
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
 def stop_all(servers: Iterable[Prosody], *, close: bool = False) -> None:
     """Stop (or close) several servers at once: SIGTERM to all first, then wait for each."""
     servers = list(servers)
@@ -135,29 +125,20 @@ def cleanup_stale_prosody() -> list[int]:
     Kit work dirs are named ``svpn-prosody-<creator pid>-...``; a Prosody whose config lives in
     one whose creator is dead was left by a crashed run. Running runs are not touched.
     """
-    pattern = re.compile(re.escape(WORKDIR_PREFIX) + r"(\d+)-")
-
-    def stale(cmd: str) -> bool:
-        if "prosody" not in cmd:
-            return False
-        found = pattern.search(cmd)
-        return bool(found) and not Path(f"/proc/{found.group(1)}").exists()
-
-    killed = kill_matching(stale, grace=STOP_TIMEOUT)
-    for workdir in Path(tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*"):
-        found = pattern.match(workdir.name)
-        if found and not Path(f"/proc/{found.group(1)}").exists():
-            shutil.rmtree(workdir, ignore_errors=True)
-    return killed
+    return cleanup_stale(WORKDIR_PREFIX, "prosody", STOP_TIMEOUT)
 
 
-class Prosody:
+class Prosody(XmppServerProcess):
     """One Prosody server with its own config, data, log and pid file in ``workdir``.
 
     ``tls=True`` (default) requires STARTTLS with ``cert`` (default: issued by ``ca`` for
     ``domain``); ``tls=False`` is plaintext with PLAIN auth allowed and no STARTTLS offered.
     ``stop()`` keeps the data, so ``start()`` again gives the same accounts on the same port.
     """
+
+    _label = "Prosody"
+    _error = ProsodyError
+    stop_timeout = STOP_TIMEOUT
 
     def __init__(
         self,
@@ -191,12 +172,7 @@ class Prosody:
         self.s2s_port = s2s_port
         # before making any file, so a bad host leaves nothing behind
         self.port = port if port is not None else free_port("tcp", self.host, netns=self.netns)
-        self._owns_workdir = workdir is None
-        self.workdir = Path(
-            workdir
-            if workdir is not None
-            else tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-")
-        )
+        self._make_workdir(workdir, WORKDIR_PREFIX)
         self.config_path = self.workdir / "prosody.cfg.lua"
         self.log_path = self.workdir / "prosody.log"
         self.console_path = self.workdir / "console.log"
@@ -206,25 +182,8 @@ class Prosody:
         self.cert_dir = self.workdir / "certs"
         self._ca = ca
         self.cert: CertFiles | None = cert if tls else None
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._console: IO[Any] | None = None
-        self._log_offset = 0
-        # last resort if the owner forgets close(): at exit (or GC) kill it and drop the dir
-        self._finalizer = weakref.finalize(
-            self, _finalize, str(self.config_path), self.workdir if self._owns_workdir else None
-        )
-        try:
-            self.workdir.mkdir(parents=True, exist_ok=True)
-            os.chmod(self.workdir, 0o700)
-            if tls and self.cert is None:
-                if self._ca is None:
-                    self._ca = ThrowawayCA.create(self.workdir / "ca")
-                self.cert = self._ca.issue_server([domain], directory=self.cert_dir)
-            self._write_files()
-        except BaseException:
-            if self._owns_workdir:
-                shutil.rmtree(self.workdir, ignore_errors=True)
-            raise
+        self._track([str(self.config_path)])  # its processes: those with our config file
+        self._prepare_files(self.cert_dir if tls else None)
 
     # --- files -----------------------------------------------------------------------------
 
@@ -304,27 +263,6 @@ class Prosody:
 
     # --- properties ------------------------------------------------------------------------
 
-    @property
-    def ca_file(self) -> Path | None:
-        """The CA certificate clients should trust (None in plaintext mode)."""
-        if self._ca is not None:
-            return self._ca.ca_file
-        return self.cert.ca_file if self.cert is not None else None
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return (self.host, self.port)
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
-
-    def running(self) -> bool:
-        return self.pid is not None
-
-    def jid(self, user: str) -> str:
-        return f"{user}@{self.domain}"
-
     def client_context(self) -> ssl.SSLContext:
         """A verifying client context that trusts only :attr:`ca_file`."""
         if self.ca_file is None:
@@ -346,94 +284,16 @@ class Prosody:
             raise ProsodyError(f"cannot listen on {self.host}:{self.port}: {exc}") from exc
         if not free:
             raise ProsodyError(f"port {self.host}:{self.port} is busy; not starting Prosody")
-        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        prefix = self.netns.exec_prefix if self.netns is not None else []
+        self._mark_log_start()
         prosody = shutil.which("prosody") or "/usr/bin/prosody"
-        self._console = open(self.console_path, "ab")  # noqa: SIM115 (closed in stop())
-        try:
-            self._proc = subprocess.Popen(
-                [*prefix, prosody, "-F", "--config", str(self.config_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=self._console,
-                stderr=subprocess.STDOUT,
-                cwd=self.workdir,
-                start_new_session=True,
-            )
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
+        self._spawn([prosody, "-F", "--config", str(self.config_path)])
 
-    def _wait_ready(self) -> None:
-        assert self._proc is not None
-        needle = f"Activated service 'c2s' on [{self.host}]:{self.port}"
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise ProsodyError(
-                    f"Prosody exited with {self._proc.returncode} while starting\n"
-                    + self._diagnostics()
-                )
-            if needle in self.log_text(since_start=True) and tcp_connect_ok(
-                self.host, self.port, timeout=0.5, netns=self.netns
-            ):
-                return
-            time.sleep(0.05)
-        raise ProsodyError(
-            f"Prosody not ready on {self.host}:{self.port} within {self.start_timeout}s\n"
-            + self._diagnostics()
-        )
-
-    def begin_stop(self) -> None:
-        """Send SIGTERM without waiting (Prosody takes ~1.5 s to exit); :meth:`stop` waits.
-
-        Lets a caller stop several servers in parallel, see :func:`stop_all`.
-        """
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-
-    def stop(self) -> None:
-        """SIGTERM, wait up to 5 s, then SIGKILL. Idempotent; keeps data for a restart."""
-        self.begin_stop()
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            if proc.poll() is None:
-                try:
-                    proc.wait(timeout=STOP_TIMEOUT)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        proc.wait(timeout=STOP_TIMEOUT)
-            # anything left in its session (it should have none)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        # belt and braces: any process still running with our config file
-        config = str(self.config_path)
-        kill_matching(lambda cmd: config in cmd, grace=1.0)
-        if self._console is not None:
-            self._console.close()
-            self._console = None
+    def _ready_line(self) -> str:
+        return f"Activated service 'c2s' on [{self.host}]:{self.port}"
 
     def restart(self) -> None:
         self.stop()
         self.start()
-
-    def close(self) -> None:
-        """Stop and, if the kit made the work dir, remove it. Idempotent."""
-        self.stop()
-        if self._owns_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-        self._finalizer.detach()
-
-    def __enter__(self) -> Prosody:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     # --- accounts --------------------------------------------------------------------------
 
@@ -467,19 +327,6 @@ class Prosody:
         self.prosodyctl("deluser", self.jid(user))
 
     # --- logs ------------------------------------------------------------------------------
-
-    def log_text(self, *, since_start: bool = False) -> str:
-        """Prosody's log file (all runs, or only since the last :meth:`start`)."""
-        try:
-            with open(self.log_path, "rb") as f:
-                if since_start:
-                    f.seek(self._log_offset)
-                return f.read().decode(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
 
     def auth_failures(self, user: str | None = None) -> list[AuthFailure]:
         """Failed SASL attempts logged so far (all runs), optionally only for ``user``."""
@@ -521,10 +368,3 @@ class Prosody:
                     f"log did not match {pattern!r} in {timeout}s\n{self.log_tail()}"
                 )
             time.sleep(0.05)
-
-    def _diagnostics(self) -> str:
-        try:
-            console = self.console_path.read_text(errors="replace")[-2000:]
-        except FileNotFoundError:
-            console = ""
-        return f"--- log tail ({self.log_path}) ---\n{self.log_tail()}\n--- console ---\n{console}"
