@@ -760,6 +760,11 @@ class GroupLinks:
         self.device.set_persistent_keepalive(link.public_key, link.keepalive)
         old, link.direct, link.transport = link.direct, None, "ice-relay"
         self._release(old, later=True)
+        self._connected(link, result, initiate)
+
+    def _connected(self, link: _Link, result: IceResult | None, initiate: bool) -> None:
+        """A path is in place: the controlling side starts the handshake, the other waits a
+        moment for it (then starts one itself); tell the signalling side."""
         link.state = "up"
         link.confirmed = False
         link.result = result
@@ -769,7 +774,7 @@ class GroupLinks:
             self._kick(link)
         else:
             self._kick_unless_handshaken(link)
-        self._emit(LinkEvent(peer_id, "connected", result=result))
+        self._emit(LinkEvent(link.peer_id, "connected", result=result))
 
     # -- direct sockets --
 
@@ -787,16 +792,7 @@ class GroupLinks:
         self.device.serve(direct, f"udp-{peer_id[:8]}")
         self.mux.detach(peer_id)
         self._use_direct(link, direct, result.remote_addr, "direct-socket", crosses_nat(result))
-        link.state = "up"
-        link.confirmed = False
-        link.result = result
-        link.reason = ""
-        link.controlling = initiate
-        if initiate:
-            self._kick(link)
-        else:
-            self._kick_unless_handshaken(link)
-        self._emit(LinkEvent(peer_id, "connected", result=result))
+        self._connected(link, result, initiate)
 
     def restore(self, peer_id: str, endpoint: tuple[str, int], local_port: int = 0) -> bool:
         """Bring a link back without signalling (DESIGN.md §4.5): send from our own socket

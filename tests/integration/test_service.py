@@ -15,18 +15,10 @@ import pytest
 from socialvpn import service
 from socialvpn.web.client import APIClient
 from tests.kit.agents import CLI, AgentProc
+from tests.kit.agents import sd_notified as _notified
 from tests.kit.ports import free_tcp_port
 
 pytestmark = pytest.mark.integration
-
-
-def _notified(sock: socket.socket, token: bytes) -> bytes:
-    """The first sd_notify datagram holding ``token`` (STATUS= lines may come before it)."""
-    for _ in range(50):
-        message = sock.recv(4096)
-        if token in message:
-            return message
-    raise AssertionError(f"no {token!r} in 50 notifications")
 
 
 def _need(tool: str) -> str:

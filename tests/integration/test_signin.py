@@ -11,18 +11,10 @@ import pytest
 
 from socialvpn.web.client import APIClient
 from tests.kit.agents import befriend, wait_for
+from tests.kit.agents import sd_notified as _notified
 from tests.kit.ca import unknown_ca_server_cert
 
 pytestmark = pytest.mark.integration
-
-
-def _notified(sock: socket.socket, token: bytes) -> bytes:
-    """The first sd_notify datagram holding ``token`` (STATUS= lines may come before it)."""
-    for _ in range(50):
-        message = sock.recv(4096)
-        if token in message:
-            return message
-    raise AssertionError(f"no {token!r} in 50 notifications")
 
 
 def test_wrong_password_exits_once_without_hammering(prosody_tls, agent_factory, unique_user):

@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -209,3 +210,12 @@ def befriend(a: AgentProc, b: AgentProc, timeout: float = 10.0) -> None:
 
     wait_for(mutual, timeout, f"{a.jid} and {b.jid} to be friends",
              lambda: a.log_tail() + "\n" + b.log_tail())
+
+
+def sd_notified(sock: socket.socket, token: bytes) -> bytes:
+    """The first sd_notify datagram holding ``token`` (STATUS= lines may come before it)."""
+    for _ in range(50):
+        message = sock.recv(4096)
+        if token in message:
+            return message
+    raise AssertionError(f"no {token!r} in 50 notifications")

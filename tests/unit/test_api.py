@@ -8,14 +8,12 @@ RELIABILITY row 26: only root or the agent's user get in (SO_PEERCRED).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import http.client
 import json
 import logging
 import os
 import socket
 import stat
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -28,6 +26,7 @@ from socialvpn.errors import AgentNotRunning, APIError
 from socialvpn.web.api import PREFIX, ROUTES, AgentAPI, RouteTable
 from socialvpn.web.app import MAX_BODY, APIServer
 from socialvpn.web.client import APIClient
+from tests.kit.browser import short_dir
 
 pytestmark = pytest.mark.unit
 
@@ -148,21 +147,6 @@ def raw_request(sock_path: Path, method: str, path: str, body: bytes | None,
         return resp.status, resp.getheader("Content-Type", ""), resp.read()
     finally:
         conn.close()
-
-
-@contextlib.contextmanager
-def short_dir(tmp_path: Path) -> Iterator[Path]:
-    """tmp_path if a socket path in it fits sun_path (108 bytes), else a short temp dir."""
-    if len(str(tmp_path / "api.sock")) < 100:
-        yield tmp_path
-        return
-    d = Path(tempfile.mkdtemp(prefix="svpn-api-"))
-    try:
-        yield d
-    finally:
-        for p in d.iterdir():
-            p.unlink()
-        d.rmdir()
 
 
 @pytest.fixture
