@@ -511,8 +511,13 @@ class Device:
                 if self._running and main:
                     log.exception("UDP receive failed; the link device stops receiving")
                 break
-            if n and on_batch(view, n, segment, addr):
-                help_tun()
+            try:
+                if n and on_batch(view, n, segment, addr):
+                    help_tun()
+            except Exception:  # TunClosed after stop(), or the device vanished
+                if self._running:
+                    log.exception("link receive failed; the link device stops receiving")
+                break
 
     def _io_loop(self) -> None:
         """The TUN device and the main UDP socket served by one thread (when both can be
