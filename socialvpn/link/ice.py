@@ -83,6 +83,7 @@ CONSENT_INTERVAL = 5.0  # RFC 7675 consent checks, randomised 0.8..1.2x (as aioi
 CONSENT_FAILURES = 6  # consecutive unanswered checks (0.5 s each) before consent expires
 RECV_QUEUE = 256  # datagrams held for recv() while nobody reads
 TRANSPORT_QUEUE = 1024  # datagrams held in each direction between asyncio and the threads
+MAX_STUN_IN_FLIGHT = 64  # STUN datagrams from a taken-over socket waiting for the loop
 
 _ICE_CHARS = re.compile(r"[A-Za-z0-9+/]+")
 _DIGITS = re.compile(r"[0-9]{1,10}")
@@ -387,6 +388,34 @@ class TakenSocket:
 # --- the session -----------------------------------------------------------------------------
 
 
+class StunHandOff:
+    """Hands STUN datagrams from a taken-over socket's reader thread to the event loop
+    (``post``), at most ``limit`` waiting at a time: the thread reads faster than the loop, and
+    a flood of STUN-looking datagrams must not grow the loop's queue without bound (before the
+    take-over the kernel dropped what asyncio did not read). Excess datagrams are counted in
+    ``dropped``. ``posted``/``dropped`` are written only by the reader thread, ``handled`` only
+    by the loop, so no lock is needed."""
+
+    def __init__(self, post: Callable[[bytes, tuple[str, int]], object],
+                 closing: Callable[[], bool], limit: int = MAX_STUN_IN_FLIGHT) -> None:
+        self._post = post
+        self._closing = closing
+        self.limit = limit
+        self.posted = 0
+        self.handled = 0
+        self.dropped = 0
+
+    def __call__(self, data: bytes, addr: tuple[str, int]) -> None:
+        if self._closing():
+            return
+        if self.posted - self.handled >= self.limit:
+            self.dropped += 1
+            return
+        self.posted += 1
+        with contextlib.suppress(RuntimeError):  # the loop is closed
+            self._post(data, addr)
+
+
 class IceSession:
     """One ICE negotiation and its selected pair (component 1, UDP, IPv4). Use it from one
     event loop; only :class:`IceTransport`'s thread-side methods are for other threads.
@@ -466,6 +495,7 @@ class IceSession:
         self._rx: asyncio.Queue[bytes | None] = asyncio.Queue(RECV_QUEUE)
         self._transport: IceTransport | None = None
         self._taken = False
+        self._handoff: StunHandOff | None = None  # set when the socket is taken over
 
     # -- introspection --
 
@@ -483,7 +513,7 @@ class IceSession:
             "local_candidates": len(self._local or ()),
             "remote_candidates": self._accepted,
             "rejected": dict(sorted(self.rejected.items())),
-            "drops": dict(sorted(self.drops.items())),
+            "drops": dict(sorted(self._all_drops().items())),
             "connected": self.connected,
             "failure": self.failure_reason,
             "path": self.result.path if self.result else None,
@@ -492,6 +522,11 @@ class IceSession:
 
     def _reject(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+    def _all_drops(self) -> dict[str, int]:
+        if self._handoff is None or not self._handoff.dropped:
+            return self.drops
+        return {**self.drops, "stun-flood": self._handoff.dropped}
 
     def _drop(self, reason: str) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + 1
@@ -911,11 +946,11 @@ class IceSession:
         loop = asyncio.get_running_loop()
         self._taken = True
 
-        def deliver(data: bytes, addr: tuple[str, int]) -> None:
-            if self._closing:
-                return
-            with contextlib.suppress(RuntimeError):  # the loop is closed
-                loop.call_soon_threadsafe(self._stun_received, protocol, data, addr)
+        self._handoff = StunHandOff(
+            lambda data, addr: loop.call_soon_threadsafe(self._stun_received, protocol, data,
+                                                         addr),
+            lambda: self._closing)
+        deliver = self._handoff
 
         early: list[bytes] = []
         while not self._rx.empty():
@@ -933,6 +968,8 @@ class IceSession:
         return TakenSocket(dup, deliver, tuple(early))
 
     def _stun_received(self, protocol: Any, data: bytes, addr: tuple[str, int]) -> None:
+        if self._handoff is not None:
+            self._handoff.handled += 1  # only the loop writes it
         if self._closing:
             return
         try:

@@ -56,7 +56,6 @@ import errno
 import logging
 import queue
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -333,10 +332,10 @@ class DirectSocket:
 
     def __init__(self, sock: socket.socket, sid: int, *, owner: str = "",
                  on_stun: Callable[[bytes, tuple[str, int]], None] | None = None) -> None:
-        sock.setblocking(True)  # a dup of an asyncio socket shares its O_NONBLOCK flag
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                        struct.pack("ll", int(DIRECT_RECV_TIMEOUT),
-                                    int(DIRECT_RECV_TIMEOUT % 1 * 1_000_000)))
+        # A dup of an asyncio socket shares its O_NONBLOCK flag, which must stay set (the
+        # loop's own sends on aioice's copy must never block): a Python timeout keeps the fd
+        # non-blocking and waits in poll, so the reader still looks at its flags this often.
+        sock.settimeout(DIRECT_RECV_TIMEOUT)
         self.udp = UdpTransport.from_socket(sock)
         self.id = sid
         self.owner = owner
@@ -386,7 +385,7 @@ class DirectSocket:
         while True:
             try:
                 n, segment, addr = recv(buf)
-            except BlockingIOError:  # SO_RCVTIMEO: give the reader a look at its flags
+            except (BlockingIOError, TimeoutError):  # give the reader a look at its flags
                 if self.closed:
                     raise OSError(errno.EBADF, "direct socket closed") from None
                 return 0, 0, self._wake

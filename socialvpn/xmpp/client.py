@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import ssl
 import time
@@ -222,8 +223,12 @@ class XmppClient:
         xmpp = self._xmpp
         transport = xmpp.transport if xmpp is not None else None
         name = transport.get_extra_info("sockname") if transport is not None else None
-        if name and name[0] not in addresses and not name[0].startswith(("127.", "::1")):
-            log.info("XMPP session was on %s, which is gone: reconnecting", name[0])
+        host = _plain_address(name[0]) if name else None
+        if host is None or host.is_loopback:
+            return
+        known = {a for a in map(_plain_address, addresses) if a is not None}
+        if host not in known:
+            log.info("XMPP session was on %s, which is gone: reconnecting", host)
             self._backoff.reset()  # a new network: the first retry comes soon
             xmpp.abort()  # type: ignore[union-attr]
 
@@ -652,3 +657,15 @@ def _error_reply(stanza: Any, condition: str, etype: str) -> None:
         reply["error"]["condition"] = condition
         reply["error"]["type"] = etype
         reply.send()
+
+
+def _plain_address(text: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``text`` as an address without a zone (``fe80::1%eth0``) and with a v4-mapped IPv6
+    address unwrapped, so a socket's name compares with netlink's address strings."""
+    try:
+        ip = ipaddress.ip_address(str(text).split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip

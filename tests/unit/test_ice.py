@@ -305,3 +305,32 @@ def test_transport_on_a_closed_loop_drops() -> None:
     t = IceTransport(loop, lambda data: None, ("198.18.2.2", 1))
     t.sendto(b"x", t.remote)
     assert t.errors == {"loop-closed": 1}
+
+
+def test_stun_hand_off_caps_what_waits_for_the_loop_and_counts_the_rest() -> None:
+    from socialvpn.link.ice import StunHandOff
+
+    posted: list[bytes] = []
+    closing = [False]
+    handoff = StunHandOff(lambda data, addr: posted.append(data), lambda: closing[0], limit=4)
+    for i in range(10):  # a flood while the loop is busy: only `limit` wait
+        handoff(bytes([i]), ("10.0.0.1", 3478))
+    assert len(posted) == 4 and handoff.dropped == 6
+    handoff.handled += 2  # the loop caught up with two
+    handoff(b"x", ("10.0.0.1", 3478))
+    handoff(b"y", ("10.0.0.1", 3478))
+    handoff(b"z", ("10.0.0.1", 3478))
+    assert posted[-2:] == [b"x", b"y"] and handoff.dropped == 7
+    closing[0] = True
+    handoff(b"late", ("10.0.0.1", 3478))
+    assert posted[-1] == b"y" and handoff.dropped == 7  # closing: silently ignored
+
+
+def test_stun_hand_off_survives_a_closed_loop() -> None:
+    from socialvpn.link.ice import StunHandOff
+
+    def closed(data: bytes, addr: tuple[str, int]) -> None:
+        raise RuntimeError("Event loop is closed")
+
+    handoff = StunHandOff(closed, lambda: False)
+    handoff(b"x", ("10.0.0.1", 3478))  # no exception escapes into the reader thread

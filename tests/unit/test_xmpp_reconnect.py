@@ -36,3 +36,38 @@ def test_default_delays_grow_are_jittered_and_stay_under_the_return_bound() -> N
 def test_configured_backoff_is_used() -> None:
     backoff = _client(CONFIG + "[xmpp]\nreconnect_min = 2.0\nreconnect_max = 3.0\n")._backoff
     assert (backoff.first, backoff.cap) == (2.0, 3.0) and backoff.jitter > 0
+
+
+class _FakeTransport:
+    def __init__(self, sockname: tuple) -> None:
+        self.sockname = sockname
+
+    def get_extra_info(self, name: str) -> object:
+        return self.sockname if name == "sockname" else None
+
+
+class _FakeStream:
+    def __init__(self, sockname: tuple) -> None:
+        self.transport = _FakeTransport(sockname)
+        self.aborted = 0
+
+    def abort(self) -> None:
+        self.aborted += 1
+
+
+@pytest.mark.parametrize(("sockname", "addresses", "aborted"), [
+    (("10.0.0.2", 5222), {"10.0.0.2", "fe80::1"}, 0),  # still there
+    (("10.0.0.2", 5222), {"10.0.0.3"}, 1),  # gone
+    (("fe80::1%eth0", 5222, 0, 2), {"fe80::1", "10.0.0.2"}, 0),  # zone id ignored
+    (("::ffff:10.0.0.2", 5222, 0, 0), {"10.0.0.2"}, 0),  # v4-mapped unwrapped
+    (("::ffff:10.0.0.2", 5222, 0, 0), {"10.0.0.9"}, 1),
+    (("127.0.0.1", 5222), set(), 0),  # loopback never goes away
+    (("::1", 5222, 0, 0), set(), 0),
+])
+def test_network_change_drops_only_a_session_whose_address_is_gone(sockname, addresses,
+                                                                    aborted) -> None:
+    client = _client()
+    stream = _FakeStream(sockname)
+    client._xmpp = stream  # type: ignore[assignment]
+    client.network_changed(frozenset(addresses))
+    assert stream.aborted == aborted
