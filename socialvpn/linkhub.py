@@ -71,6 +71,9 @@ def parse_cached(entry: object) -> tuple[tuple[str, int], int] | None:
     if not isinstance(text, str) or not isinstance(local_port, int) or isinstance(
             local_port, bool) or not 0 <= local_port <= 65535:
         return None
+    saved = entry.get("saved", 0)  # seconds since the epoch; the save loop compares it
+    if not isinstance(saved, int | float) or isinstance(saved, bool) or saved != saved:
+        return None
     host, _, port = text.rpartition(":")
     try:
         ip = ipaddress.ip_address(host)

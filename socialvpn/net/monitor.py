@@ -30,6 +30,7 @@ log = logging.getLogger("socialvpn.net.monitor")
 
 DEBOUNCE = 0.3  # seconds of quiet after the last netlink event before looking
 DEBOUNCE_MAX = 1.5  # but never wait longer than this after the first one
+WATCH_RETRIES = 30  # consecutive netlink failures (1 s apart) before the watch gives up
 EXCLUDED_PREFIXES = ("svpn-", "lo")
 IFF_UP = 0x1
 
@@ -163,6 +164,10 @@ class NetMonitor:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
             self._task = None
+        pending, self._pending = list(self._pending), set()
+        for task in pending:  # a settle in flight must not report a change after stop
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
         if self._ipr is not None:
             with contextlib.suppress(Exception):
                 self._ipr.close()  # type: ignore[attr-defined]
@@ -170,9 +175,11 @@ class NetMonitor:
 
     async def _watch(self, ipr: object) -> None:
         loop = asyncio.get_running_loop()
+        failures = 0
         while True:
             try:
                 async for msg in ipr.get():  # type: ignore[attr-defined]
+                    failures = 0
                     if msg.get("event") in ("RTM_NEWADDR", "RTM_DELADDR", "RTM_NEWLINK",
                                             "RTM_DELLINK"):
                         self.events += 1
@@ -181,6 +188,11 @@ class NetMonitor:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                failures += 1
+                if failures > WATCH_RETRIES:
+                    log.error("netlink watch failed %d times; network changes are no longer "
+                              "followed", failures)
+                    return
                 log.exception("netlink watch failed; retrying in 1 s")
                 await asyncio.sleep(1.0)
 

@@ -336,7 +336,7 @@ def coalesce(packets: Iterable[Buffer]) -> list[list[Buffer]]:
         if info is not None:
             key, seq, plen, hdr, flags = info
             if (not closed and seq == next_seq and plen <= mss and key == run_key
-                    and size + plen <= MAX_COALESCED):
+                    and size + plen <= MAX_COALESCED and run_hdr + size + plen <= 65535):
                 run.append(p)
                 next_seq = (seq + plen) & 0xFFFFFFFF
                 size += plen

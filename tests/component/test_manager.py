@@ -497,5 +497,8 @@ def test_nat_and_cache_entries() -> None:
     for bad in (None, [], {"endpoint": "x:1"}, {"endpoint": "1.2.3.4:0"},
                 {"endpoint": "1.2.3.4:70000"}, {"endpoint": "[::1]:5"},
                 {"endpoint": "1.2.3.4:5", "local_port": True},
-                {"endpoint": "1.2.3.4:5", "local_port": -1}, {"endpoint": "0.0.0.0:5"}):
+                {"endpoint": "1.2.3.4:5", "local_port": -1}, {"endpoint": "0.0.0.0:5"},
+                {"endpoint": "1.2.3.4:5", "saved": "yesterday"},
+                {"endpoint": "1.2.3.4:5", "saved": True},
+                {"endpoint": "1.2.3.4:5", "saved": float("nan")}):
         assert parse_cached(bad) is None, bad

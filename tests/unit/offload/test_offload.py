@@ -263,3 +263,19 @@ def test_coalesce_breaks_runs_where_the_kernel_would(v6: bool, change: str) -> N
 def test_sum16_is_ones_sum(data: bytes) -> None:
     got = offload._sum16(memoryview(data))
     assert got == (offload.ones_sum(data) or 0xFFFF)
+
+
+def test_coalesce_never_builds_a_packet_longer_than_the_length_field() -> None:
+    # 60 segments of 1091 bytes (65,460 payload bytes, under MAX_COALESCED) with 40 bytes of
+    # TCP options: merged with their 80-byte headers they would exceed 65,535.
+    mss, options = 1091, b"\x01" * 40
+    segs = [tcp_packet(bytes([i]) * mss, seq=9000 + i * mss, flags=0x10, options=options)
+            for i in range(60)]
+    writes = coalesce(segs)
+    total = 0
+    for buffers in writes:
+        frame = b"".join(bytes(b) for b in buffers)
+        ip = frame[VNET_HDR.size:]
+        assert struct.unpack_from("!H", ip, 2)[0] == len(ip) <= 65535
+        total += len(ip) - 80
+    assert len(writes) == 2 and total == 60 * mss
