@@ -133,13 +133,11 @@ class Bed:
 
     @property
     def stun_only(self) -> IceServers:
-        return IceServers(stun=(self.turn.stun_address,))
+        return self.turn.ice_servers(relay=False)
 
     @property
     def with_turn(self) -> IceServers:
-        host, port, user, password = self.turn.turn_credentials
-        return IceServers(stun=(self.turn.stun_address,),
-                          turn=(TurnServer(host, port, user, password),))
+        return self.turn.ice_servers(relay=True)
 
 
 @pytest.fixture(scope="module")

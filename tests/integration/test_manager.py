@@ -24,7 +24,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
-from socialvpn.link.ice import IceServers, TurnServer
+from socialvpn.link.ice import IceServers
 from socialvpn.link.manager import GroupLinks, LinkEvent
 from socialvpn.link.noise import public_bytes
 from socialvpn.net.packet_router import PacketRouter
@@ -57,13 +57,11 @@ class Bed:
 
     @property
     def stun_only(self) -> IceServers:
-        return IceServers(stun=(self.turn.stun_address,))
+        return self.turn.ice_servers(relay=False)
 
     @property
     def with_turn(self) -> IceServers:
-        host, port, user, password = self.turn.turn_credentials
-        return IceServers(stun=(self.turn.stun_address,),
-                          turn=(TurnServer(host, port, user, password),))
+        return self.turn.ice_servers(relay=True)
 
 
 @pytest.fixture(scope="module")

@@ -155,23 +155,28 @@ def test_agents_restarted_while_xmpp_is_down_relink_from_cache(bed: Bed) -> None
     assert _ping(bed.alice_site, IPS["bob"], count=2)
 
 
-def test_underlay_address_change_resumes_within_5s(bed: Bed) -> None:
-    alice, bob = bed.alice, bed.bob
-    site = bed.bob_site
+def _move_address(site: Site, gateway: str) -> tuple[str, str, float]:
+    """Like a new DHCP lease: the new address first (promoted when the old one goes), then the
+    old one removed, then the default route again. Returns (old, new, when it changed)."""
     old = site.host_ip
     prefix, last = old.rsplit(".", 1)
     new = f"{prefix}.{int(last) + 100}"
-    gateway = site.lan_gateway
-    assert gateway
-    assert _ping(bed.alice_site, IPS["bob"])
-    # Like a new DHCP lease: the new address first (promoted when the old one goes), then
-    # the old one removed.
     site.host.sysctl("net.ipv4.conf.all.promote_secondaries", 1)
     site.host.sysctl("net.ipv4.conf.eth0.promote_secondaries", 1)
     site.host.ip("addr", "add", f"{new}/24", "dev", "eth0")
     site.host.ip("addr", "del", f"{old}/24", "dev", "eth0")
     changed = time.monotonic()
     site.host.ip("route", "replace", "default", "via", gateway)
+    return old, new, changed
+
+
+def test_underlay_address_change_resumes_within_5s(bed: Bed) -> None:
+    alice, bob = bed.alice, bed.bob
+    site = bed.bob_site
+    gateway = site.lan_gateway
+    assert gateway
+    assert _ping(bed.alice_site, IPS["bob"])
+    old, new, changed = _move_address(site, gateway)
     wait_for(lambda: _ping(bed.alice_site, IPS["bob"]), 5.0, "ping after the change",
              _diag(alice, bob), interval=0.05)
     took = time.monotonic() - changed
@@ -193,17 +198,8 @@ def test_public_address_change_behind_the_peers_nat_resumes_by_ice_restart(bed: 
     again and offers a new ICE session, which bob answers."""
     alice, bob = bed.alice, bed.bob
     site = bed.alice_site
-    old = site.host_ip
-    prefix, last = old.rsplit(".", 1)
-    new = f"{prefix}.{int(last) + 100}"
-    gateway = f"{prefix}.1"
     assert _ping(bed.bob_site, IPS["alice"])
-    site.host.sysctl("net.ipv4.conf.all.promote_secondaries", 1)
-    site.host.sysctl("net.ipv4.conf.eth0.promote_secondaries", 1)
-    site.host.ip("addr", "add", f"{new}/24", "dev", "eth0")
-    site.host.ip("addr", "del", f"{old}/24", "dev", "eth0")
-    changed = time.monotonic()
-    site.host.ip("route", "replace", "default", "via", gateway)
+    old, new, changed = _move_address(site, f"{site.host_ip.rsplit('.', 1)[0]}.1")
     wait_for(lambda: _ping(bed.alice_site, IPS["bob"]), 15.0, "ping after the change",
              _diag(alice, bob), interval=0.05)
     took = time.monotonic() - changed

@@ -38,9 +38,13 @@ import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tests.kit.netns import Netns
 from tests.kit.server import ServerProcess, cleanup_stale
+
+if TYPE_CHECKING:
+    from socialvpn.link.ice import IceServers
 
 DEFAULT_REALM = "svpn.test"
 DEFAULT_USER = "svpn"
@@ -159,6 +163,15 @@ class Coturn(ServerProcess):
     def turn_credentials(self) -> tuple[str, int, str, str]:
         """``(host, port, username, password)`` for a TURN client."""
         return (self.ip, self.port, self.user, self.password)
+
+    def ice_servers(self, *, relay: bool) -> IceServers:
+        """The agent-side view of this server: STUN only, or STUN and TURN (``relay``)."""
+        from socialvpn.link.ice import IceServers, TurnServer
+
+        if not relay:
+            return IceServers(stun=(self.stun_address,))
+        host, port, user, password = self.turn_credentials
+        return IceServers(stun=(self.stun_address,), turn=(TurnServer(host, port, user, password),))
 
     def command(self) -> list[str]:
         """The ``turnserver`` argv (without the namespace prefix)."""
