@@ -123,10 +123,13 @@ def _wggo(a: Netns, b: Netns, tmp: Path) -> Running:
 def _ours(offloads: bool) -> StartFn:
     def start(a: Netns, b: Netns, tmp: Path) -> Running:
         ka, kb = KeyPair.generate(), KeyPair.generate()
+        # Two of our peers with offloads negotiate partial checksums (net/offload.py).
         la = OurLink(a, tmp, ka, "10.9.0.1/24", port=51821, offloads=offloads,
-                     peers=[LinkPeer(kb.public, ["10.9.0.2/32"], "10.0.0.2:51822")])
+                     peers=[LinkPeer(kb.public, ["10.9.0.2/32"], "10.0.0.2:51822",
+                                     partial_checksums=offloads)])
         lb = OurLink(b, tmp, kb, "10.9.0.2/24", port=51822, offloads=offloads,
-                     peers=[LinkPeer(ka.public, ["10.9.0.1/32"], "10.0.0.1:51821")])
+                     peers=[LinkPeer(ka.public, ["10.9.0.1/32"], "10.0.0.1:51821",
+                                     partial_checksums=offloads)])
         run = Running(a, b, TARGET_IP, [la, lb])
         try:
             la.start()

@@ -103,6 +103,9 @@ class PeerConfig:
     endpoint: tuple[str, int] | None = None
     persistent_keepalive: float = 0.0
     psk: bytes | None = None
+    partial_checksums: bool = False
+    """The peer is one of ours with an offload TUN (negotiated out of band): TCP/UDP packets
+    cross in partial form both ways (net/offload.py). Never for a stock WireGuard peer."""
 
 
 class Peer:
@@ -125,6 +128,8 @@ class Peer:
         self.last_handshake_wall: float | None = None
         self.endpoint_changes = 0
         self.removed = False
+        self.partial_checksums = cfg.partial_checksums and device.vnet
+        """In effect only when our TUN device takes virtio headers (offloads)."""
 
     def __repr__(self) -> str:
         return f"<Peer {self.public_key.hex()[:8]} endpoint={display(self.endpoint)}>"
@@ -158,6 +163,8 @@ class Device:
         )
         self.public_key = self.identity.public
         self.tun = tun
+        self.vnet = bool(getattr(tun, "offloads", False))
+        """The TUN device reads and writes virtio headers: partial checksums can be used."""
         self.transport = transport
         self.routes = routes
         self.timers = timers
@@ -250,6 +257,14 @@ class Device:
     def endpoint_of(self, public_key: bytes) -> SockAddr | None:
         peer = self._peers.get(public_key)
         return None if peer is None else peer.endpoint
+
+    def set_partial_checksums(self, public_key: bytes, on: bool) -> bool:
+        """Use partial checksums with the peer (``PeerConfig.partial_checksums``) or stop;
+        returns whether they are in effect (never without offloads here)."""
+        peer = self._peers[public_key]
+        with peer.lock:
+            peer.partial_checksums = bool(on) and self.vnet
+            return peer.partial_checksums
 
     def set_persistent_keepalive(self, public_key: bytes, seconds: float) -> None:
         """Change the peer's persistent keepalive (0 = off); armed by the next packet."""
@@ -373,6 +388,8 @@ class Device:
             if peer is None:
                 self._drop("no-route")
             else:
+                if segmented and peer.partial_checksums:
+                    groups[0].partial = True
                 self._send(peer, groups if segmented else [groups])
             return
         # Keep each peer's packets in order and send each peer's share in one batch.
@@ -381,7 +398,10 @@ class Device:
             peer = route(group.head if segmented else group)
             if peer is None:
                 self._drop("no-route")
-            elif peer in by_peer:
+                continue
+            if segmented and peer.partial_checksums:
+                group.partial = True
+            if peer in by_peer:
                 by_peer[peer].append(group)
             else:
                 by_peer[peer] = [group]
@@ -572,6 +592,7 @@ class Device:
         drop = self._drop
         deliver = self._deliver
         inner: list[Buffer] = []
+        marks: list[bool] = []  # per packet of inner: in partial form
         after: list[tuple[Peer, bool, bool]] = []
         peer: Peer | None = None
         opened: list[tuple[Session, bytes]] = []
@@ -599,17 +620,25 @@ class Device:
                 continue
             if entry[0] is not peer:
                 if opened:
-                    deliver(peer, opened, addr, now, inner, after)  # type: ignore[arg-type]
+                    deliver(peer, opened, addr, now, inner, marks,  # type: ignore[arg-type]
+                            after)
                     opened = []
                 peer = entry[0]
             opened.append((session, plaintext))
         if opened:
-            deliver(peer, opened, addr, now, inner, after)  # type: ignore[arg-type]
+            deliver(peer, opened, addr, now, inner, marks, after)  # type: ignore[arg-type]
         if inner:
+            partial = marks if any(marks) else None
             if len(inner) == 1:
-                self.tun.write(inner[0])
+                if partial:
+                    self.tun.write(inner[0], True)  # type: ignore[call-arg]
+                else:
+                    self.tun.write(inner[0])
             elif self._write_batch is not None:
-                self._write_batch(inner)
+                if partial:
+                    self._write_batch(inner, partial)  # type: ignore[call-arg]
+                else:
+                    self._write_batch(inner)
             else:
                 for packet in inner:
                     self.tun.write(packet)
@@ -622,11 +651,12 @@ class Device:
         return bool(inner)
 
     def _deliver(self, peer: Peer, opened: list[tuple[Session, bytes]], addr: SockAddr,
-                 now: float, inner: list[Buffer], after: list[tuple[Peer, bool, bool]]
-                 ) -> None:
+                 now: float, inner: list[Buffer], marks: list[bool],
+                 after: list[tuple[Peer, bool, bool]]) -> None:
         """Authenticated messages of one peer from one batch: check each inner packet (length,
-        cryptokey routing of its source) into ``inner``, then update the peer's sessions,
-        timers, endpoint and counters under one acquisition of its lock."""
+        cryptokey routing of its source) into ``inner`` (and whether it is in partial form
+        into ``marks``), then update the peer's sessions, timers, endpoint and counters under
+        one acquisition of its lock."""
         source_allowed = self.routes.source_allowed
         rx_bytes = rx_packets = 0
         data = False
@@ -655,6 +685,8 @@ class Device:
                          else memoryview(plaintext)[:length])
             rx_bytes += length
             rx_packets += 1
+        if rx_packets:
+            marks.extend([peer.partial_checksums] * rx_packets)
         confirmed = False
         with peer.lock:
             for session in sessions:
@@ -857,6 +889,7 @@ class Device:
                 "last_handshake": peer.last_handshake_wall,
                 "endpoint_changes": peer.endpoint_changes,
                 "session_age": None if current is None else self._clock() - current.created,
+                "checksums": "partial" if peer.partial_checksums else "full",
                 "staged": len(peer.staged),
             }
 

@@ -13,6 +13,19 @@ it. This module does the packet surgery: pure functions on bytes, no I/O.
   consecutive segments of one TCP flow merged into one super-packet with a GSO virtio header,
   everything else with an empty header.
 
+**Partial checksums between our own peers.** Computing every segment's TCP checksum is the
+largest single cost of the sending side, and the receiving kernel does not need it: a packet
+written to a TUN device with ``NEEDS_CSUM`` is "checksum partial" to the kernel, which accepts
+it locally without verifying and completes the checksum itself if it routes the packet on
+(integrity is the AEAD's job: kernel WireGuard marks decrypted packets checksum-unnecessary).
+So when both ends of a link are ours with offload TUNs (negotiated per peer; a stock WireGuard
+peer always gets full checksums), every *plain* TCP/UDP packet - IPv4 not fragmented, or IPv6
+with the TCP/UDP header first - crosses in **partial form**: its checksum field holds the
+folded pseudo-header sum (what the kernel itself puts there for ``NEEDS_CSUM``), except a UDP
+over IPv4 checksum of 0 ("none"), which stays 0. The sender makes that form
+(``Segments.partial``: no pass over the payload at all), the receiver writes such packets
+with a ``NEEDS_CSUM`` header (:func:`partial_header`).
+
 Checksums use the identity that the one's-complement sum of 16-bit words equals the big
 integer of the bytes modulo 0xFFFF (as 2^16 ≡ 1), which CPython computes at C speed.
 """
@@ -20,7 +33,7 @@ integer of the bytes modulo 0xFFFF (as 2^16 ≡ 1), which CPython computes at C 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 VNET_HDR = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_off
 VNET_HDR_LEN = VNET_HDR.size  # 10
@@ -130,7 +143,7 @@ class Segments:
     view is valid only until the next one is requested** (consume it - seal, copy - first).
     Iterate once. ``frame`` must be writable (a ``bytearray`` the reader owns)."""
 
-    __slots__ = ("_frame", "_mss", "_csum", "count", "head", "nbytes")
+    __slots__ = ("_frame", "_mss", "_csum", "count", "head", "nbytes", "partial")
 
     def __init__(self, frame: bytearray | memoryview, length: int | None = None) -> None:
         n = len(frame) if length is None else length
@@ -139,6 +152,8 @@ class Segments:
         view = memoryview(frame)[:n]
         flags, gso_type, _hdr_len, gso_size, csum_start, csum_offset = VNET_HDR.unpack_from(view)
         self._frame = view
+        self.partial = False
+        """Set before iterating: make the packets in partial form (module doc), not full."""
         self._csum = (csum_start, csum_offset) if flags & F_NEEDS_CSUM else None
         kind = gso_type & ~GSO_ECN
         packet = view[VNET_HDR_LEN:]
@@ -166,10 +181,81 @@ class Segments:
     def __iter__(self) -> Iterator[memoryview]:
         packet = self._frame[VNET_HDR_LEN:]
         if not self._mss:
-            if self._csum is not None:
+            if self.partial:
+                if self._csum is None or self._csum != _plain_l4(packet):
+                    if self._csum is not None:
+                        _complete_in_place(packet, *self._csum)
+                    to_partial_in_place(packet)
+            elif self._csum is not None:
                 _complete_in_place(packet, *self._csum)
             return iter((packet,))
-        return _tso_segments(self._frame, self._mss)
+        return _tso_segments(self._frame, self._mss, self.partial)
+
+
+def _plain_l4(packet: Buffer) -> tuple[int, int] | None:
+    """(start, checksum offset) of the TCP or UDP header of a *plain* packet (module doc), or
+    None for anything else (other protocols, fragments, IPv6 extension headers, truncated)."""
+    n = len(packet)
+    if n < 28:
+        return None
+    first = packet[0]
+    if first >> 4 == 4:
+        start = (first & 0x0F) * 4
+        proto = packet[9]
+        if start < 20 or (packet[6] & 0x3F) or packet[7]:  # MF flag or fragment offset
+            return None
+    elif first >> 4 == 6:
+        start = 40
+        proto = packet[6]
+    else:
+        return None
+    if proto == PROTO_TCP:
+        return (start, TCP_CHECK) if n >= start + 20 else None
+    if proto == PROTO_UDP:
+        return (start, 6) if n >= start + 8 else None
+    return None
+
+
+def _pseudo_sum(packet: Buffer, start: int) -> int:
+    """The folded pseudo-header sum (addresses, protocol, L4 length) of a plain packet whose
+    L4 header starts at ``start``; never 0."""
+    if packet[0] >> 4 == 4:
+        value = int.from_bytes(packet[12:20], "big") % 0xFFFF + packet[9]
+    else:
+        value = int.from_bytes(packet[8:40], "big") % 0xFFFF + packet[6]
+    value += len(packet) - start
+    return value % 0xFFFF or 0xFFFF
+
+
+def to_partial_in_place(packet: memoryview | bytearray) -> None:
+    """Put a plain TCP/UDP packet with a full checksum into partial form (module doc);
+    anything else is left alone."""
+    where = _plain_l4(packet)
+    if where is None:
+        return
+    start, offset = where
+    at = start + offset
+    if offset == 6 and packet[0] >> 4 == 4 and not (packet[at] | packet[at + 1]):
+        return  # UDP over IPv4 without a checksum
+    _U16.pack_into(packet, at, _pseudo_sum(packet, start))
+
+
+_PARTIAL_HDRS: dict[tuple[int, int], bytes] = {}
+
+
+def partial_header(packet: Buffer) -> bytes:
+    """The virtio header to write a packet in partial form with: ``NEEDS_CSUM`` at its TCP/UDP
+    checksum for a plain packet (module doc), else the empty header (the kernel verifies)."""
+    where = _plain_l4(packet)
+    if where is None:
+        return EMPTY_HDR
+    start, offset = where
+    if offset == 6 and packet[0] >> 4 == 4 and not (packet[start + 6] | packet[start + 7]):
+        return EMPTY_HDR  # UDP over IPv4 without a checksum
+    hdr = _PARTIAL_HDRS.get(where)
+    if hdr is None:
+        hdr = _PARTIAL_HDRS[where] = VNET_HDR.pack(F_NEEDS_CSUM, GSO_NONE, 0, 0, start, offset)
+    return hdr
 
 
 def _tcp_headers(packet: memoryview) -> tuple[int, int]:
@@ -202,9 +288,10 @@ def _complete_in_place(packet: memoryview, start: int, offset: int) -> None:
     _U16.pack_into(packet, start + offset, value)
 
 
-def _tso_segments(frame: memoryview, mss: int) -> Iterator[memoryview]:
+def _tso_segments(frame: memoryview, mss: int, partial: bool = False) -> Iterator[memoryview]:
     """Cut a TSO super-packet (``frame``: virtio header + IP packet) into MSS segments with
-    their own IP/TCP headers and checksums, each built in place right before its payload."""
+    their own IP/TCP headers and checksums (``partial``: the pseudo-header sum only), each
+    built in place right before its payload."""
     base = VNET_HDR_LEN
     version = frame[base] >> 4
     ihl, thl = _tcp_headers(frame[base:])
@@ -257,10 +344,16 @@ def _tso_segments(frame: memoryview, mss: int) -> Iterator[memoryview]:
             pack16(frame, start + 10, ~value & 0xFFFF)
         else:
             pack16(frame, start + 4, tcp_len)
-        value = _sum16(frame[start + tcp_off : seg_end]) + pseudo + tcp_len  # < 2^18
-        value = (value & 0xFFFF) + (value >> 16)
-        value = (value & 0xFFFF) + (value >> 16)
-        pack16(frame, start + csum_at, ~value & 0xFFFF)
+        if partial:
+            value = pseudo + tcp_len  # < 2^18
+            value = (value & 0xFFFF) + (value >> 16)
+            value = (value & 0xFFFF) + (value >> 16)
+            pack16(frame, start + csum_at, value)
+        else:
+            value = _sum16(frame[start + tcp_off : seg_end]) + pseudo + tcp_len  # < 2^18
+            value = (value & 0xFFFF) + (value >> 16)
+            value = (value & 0xFFFF) + (value >> 16)
+            pack16(frame, start + csum_at, ~value & 0xFFFF)
         yield frame[start:seg_end]
         if last:
             return
@@ -268,10 +361,13 @@ def _tso_segments(frame: memoryview, mss: int) -> Iterator[memoryview]:
         index += 1
 
 
-def split(frame: Buffer) -> list[Buffer]:
-    """A TUN read with its virtio header → wire-ready IP packets (see module doc), copied out
-    of ``frame`` (the packet path uses :class:`Segments`, which works in place)."""
-    return [bytes(p) for p in Segments(bytearray(frame))]
+def split(frame: Buffer, *, partial: bool = False) -> list[Buffer]:
+    """A TUN read with its virtio header → wire-ready IP packets (see module doc; ``partial``:
+    in partial form), copied out of ``frame`` (the packet path uses :class:`Segments`, which
+    works in place)."""
+    segments = Segments(bytearray(frame))
+    segments.partial = partial
+    return [bytes(p) for p in segments]
 
 
 # --- wire → TUN ----------------------------------------------------------------------------
@@ -322,16 +418,20 @@ def _parse(p: Buffer) -> _Parsed | None:
     return key, seq, n - hdr, hdr, flags
 
 
-def coalesce(packets: Iterable[Buffer]) -> list[list[Buffer]]:
+def coalesce(packets: Iterable[Buffer], partial: Sequence[bool] | None = None
+             ) -> list[list[Buffer]]:
     """Decrypted IP packets in arrival order → TUN writes, each a list of buffers for one
     ``writev`` (virtio header first). Consecutive in-order segments of one TCP flow with equal
-    payload sizes (the last may be shorter, or carry PSH) become one GSO super-packet."""
+    payload sizes (the last may be shorter, or carry PSH) become one GSO super-packet.
+    ``partial[i]``: packet ``i`` came in partial form (module doc) and is written with
+    ``NEEDS_CSUM`` if it stays alone (a merged run always is)."""
     writes: list[list[Buffer]] = []
     run: list[Buffer] = []
     run_key: tuple[object, ...] = ()
     run_hdr = next_seq = mss = size = 0
-    closed = True
-    for p in packets:
+    run_partial = closed = True
+    marked = False
+    for i, p in enumerate(packets):
         info = _parse(p)
         if info is not None:
             key, seq, plen, hdr, flags = info
@@ -343,18 +443,22 @@ def coalesce(packets: Iterable[Buffer]) -> list[list[Buffer]]:
                 closed = plen < mss or bool(flags & TCP_PSH)
                 continue
         if run:
-            writes.append(_merge(run, run_hdr, mss) if len(run) > 1 else [EMPTY_HDR, run[0]])
+            writes.append(_merge(run, run_hdr, mss) if len(run) > 1
+                          else [partial_header(run[0]) if run_partial else EMPTY_HDR, run[0]])
+        marked = partial is not None and partial[i]
         if info is None:
-            writes.append([EMPTY_HDR, p])
+            writes.append([partial_header(p) if marked else EMPTY_HDR, p])
             run = []
             closed = True
             continue
         run = [p]
+        run_partial = marked
         run_key, run_hdr, mss, size = key, hdr, plen, plen
         next_seq = (seq + plen) & 0xFFFFFFFF
         closed = bool(flags & TCP_PSH)
     if run:
-        writes.append(_merge(run, run_hdr, mss) if len(run) > 1 else [EMPTY_HDR, run[0]])
+        writes.append(_merge(run, run_hdr, mss) if len(run) > 1
+                      else [partial_header(run[0]) if run_partial else EMPTY_HDR, run[0]])
     return writes
 
 

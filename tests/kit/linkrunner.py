@@ -7,7 +7,8 @@ Spec (JSON)::
     {"private_key": "<base64>", "listen_port": 51821, "tun": "svpn-t0", "mtu": 1380,
      "addresses": ["10.9.0.1/24"], "routes": [],
      "peers": [{"public_key": "<base64>", "endpoint": "10.0.0.2:51820",
-                "allowed_ips": ["10.9.0.2/32"], "persistent_keepalive": 0}],
+                "allowed_ips": ["10.9.0.2/32"], "persistent_keepalive": 0,
+                "partial_checksums": false}],
      "timers": {"rekey_after_time": 5}}
 
 Prints ``READY <port> <public key base64>`` on stdout once packets flow. SIGUSR1 writes the
@@ -64,6 +65,7 @@ def run(spec_path: Path) -> int:
             allowed_ips=tuple(p.get("allowed_ips", [])),
             endpoint=_endpoint(p.get("endpoint")),
             persistent_keepalive=float(p.get("persistent_keepalive", 0)),
+            partial_checksums=bool(p.get("partial_checksums", False)),
         ))
     stats_path = Path(str(spec_path) + ".stats.json")
     stop = threading.Event()

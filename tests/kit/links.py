@@ -53,6 +53,7 @@ class LinkPeer:
     allowed_ips: list[str]
     endpoint: str | None = None
     persistent_keepalive: int = 0
+    partial_checksums: bool = False  # both ends ours with offloads (net/offload.py)
 
 
 @dataclass
@@ -212,14 +213,18 @@ def veth_hosts(lab: Any) -> tuple[Netns, Netns]:
 
 
 def ours_pair(lab: Any, tmp: Path, *, timers: dict[str, float] | None = None,
-              offloads: bool = True) -> tuple[OurLink, OurLink]:
-    """Our link in two fresh hosts (overlay 10.9.0.1 and .2), started."""
+              offloads: bool = True, partial: bool | None = None) -> tuple[OurLink, OurLink]:
+    """Our link in two fresh hosts (overlay 10.9.0.1 and .2), started. ``partial``: partial
+    checksums between the two (default: with offloads, as two agents negotiate them)."""
     a, b = veth_hosts(lab)
     ka, kb = KeyPair.generate(), KeyPair.generate()
+    partial = offloads if partial is None else partial
     la = OurLink(a, tmp, ka, "10.9.0.1/24", port=51821, timers=timers or {}, offloads=offloads,
-                 peers=[LinkPeer(kb.public, ["10.9.0.2/32"], "10.0.0.2:51822")])
+                 peers=[LinkPeer(kb.public, ["10.9.0.2/32"], "10.0.0.2:51822",
+                                 partial_checksums=partial)])
     lb = OurLink(b, tmp, kb, "10.9.0.2/24", port=51822, timers=timers or {}, offloads=offloads,
-                 peers=[LinkPeer(ka.public, ["10.9.0.1/32"], "10.0.0.1:51821")])
+                 peers=[LinkPeer(ka.public, ["10.9.0.1/32"], "10.0.0.1:51821",
+                                 partial_checksums=partial)])
     la.start()
     lb.start()
     return la, lb
