@@ -41,6 +41,7 @@ F_NEEDS_CSUM = 1
 GSO_NONE = 0
 GSO_TCPV4 = 1
 GSO_TCPV6 = 4
+GSO_UDP_L4 = 5  # UDP segmentation (USO), TUN_F_USO4/6
 GSO_ECN = 0x80
 EMPTY_HDR = bytes(VNET_HDR_LEN)
 
@@ -143,7 +144,7 @@ class Segments:
     view is valid only until the next one is requested** (consume it - seal, copy - first).
     Iterate once. ``frame`` must be writable (a ``bytearray`` the reader owns)."""
 
-    __slots__ = ("_frame", "_mss", "_csum", "count", "head", "nbytes", "partial")
+    __slots__ = ("_frame", "_mss", "_csum", "_udp", "count", "head", "nbytes", "partial")
 
     def __init__(self, frame: bytearray | memoryview, length: int | None = None) -> None:
         n = len(frame) if length is None else length
@@ -157,6 +158,7 @@ class Segments:
         self._csum = (csum_start, csum_offset) if flags & F_NEEDS_CSUM else None
         kind = gso_type & ~GSO_ECN
         packet = view[VNET_HDR_LEN:]
+        self._udp = kind == GSO_UDP_L4
         if kind == GSO_NONE:
             if self._csum is not None and (csum_start < 20 or
                                            csum_start + csum_offset + 2 > len(packet)):
@@ -166,9 +168,9 @@ class Segments:
             self.nbytes = len(packet)
             self.head = packet
             return
-        if kind not in (GSO_TCPV4, GSO_TCPV6) or gso_size <= 0:
+        if kind not in (GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4) or gso_size <= 0:
             raise OffloadError(f"unsupported GSO type {gso_type}")
-        ihl, thl = _tcp_headers(packet)
+        ihl, thl = _udp_headers(packet) if self._udp else _tcp_headers(packet)
         total = len(packet) - ihl - thl
         self._mss = gso_size
         self.count = max(1, -(-total // gso_size))
@@ -189,6 +191,8 @@ class Segments:
             elif self._csum is not None:
                 _complete_in_place(packet, *self._csum)
             return iter((packet,))
+        if self._udp:
+            return _uso_segments(self._frame, self._mss, self.partial)
         return _tso_segments(self._frame, self._mss, self.partial)
 
 
@@ -280,6 +284,26 @@ def _tcp_headers(packet: memoryview) -> tuple[int, int]:
     return ihl, thl
 
 
+def _udp_headers(packet: memoryview) -> tuple[int, int]:
+    """(IP header length, 8) of a UDP super-packet (USO), else OffloadError."""
+    version = packet[0] >> 4
+    if version == 4:
+        ihl = (packet[0] & 0x0F) * 4
+        if packet[9] != PROTO_UDP:
+            raise OffloadError("UDP segmentation for a packet that is not UDP")
+        if ihl < 20:
+            raise OffloadError("bad IPv4 header length")
+    elif version == 6:
+        ihl = 40
+        if packet[6] != PROTO_UDP:
+            raise OffloadError("UDP segmentation over IPv6 extension headers is not supported")
+    else:
+        raise OffloadError("UDP segmentation for a packet that is not IP")
+    if len(packet) < ihl + 8:
+        raise OffloadError("truncated UDP header")
+    return ihl, 8
+
+
 def _complete_in_place(packet: memoryview, start: int, offset: int) -> None:
     """The kernel left the L4 checksum partial (pseudo-header sum in place): finish it."""
     value = ~ones_sum(packet[start:]) & 0xFFFF
@@ -358,6 +382,56 @@ def _tso_segments(frame: memoryview, mss: int, partial: bool = False) -> Iterato
         if last:
             return
         off += mss
+        index += 1
+
+
+def _uso_segments(frame: memoryview, size: int, partial: bool = False) -> Iterator[memoryview]:
+    """Cut a UDP super-packet (USO: one application write of several datagrams of ``size``
+    bytes, the last may be shorter) into datagrams with their own IP/UDP headers and
+    checksums (``partial``: the pseudo-header sum only), built in place like TSO segments."""
+    base = VNET_HDR_LEN
+    version = frame[base] >> 4
+    ihl, _ = _udp_headers(frame[base:])
+    hdr_len = ihl + 8
+    end = len(frame)
+    template = bytearray(frame[base : base + hdr_len])
+    template[ihl + 4 : ihl + 8] = b"\0\0\0\0"  # length and checksum: set per datagram
+    if version == 4:
+        ident0 = _U16.unpack_from(template, 4)[0]
+        template[2:6] = b"\0\0\0\0"
+        template[10:12] = b"\0\0"
+        ip_sum = ones_sum(template[:ihl])
+        pseudo = ones_sum(template[12:20]) + PROTO_UDP
+    else:
+        ident0 = ip_sum = 0
+        pseudo = ones_sum(template[8:40]) + PROTO_UDP
+    pack16 = _U16.pack_into
+    payload0 = base + hdr_len
+    off = 0
+    index = 0
+    while True:
+        start = payload0 + off - hdr_len
+        seg_end = min(start + hdr_len + size, end)
+        frame[start : start + hdr_len] = template
+        udp_len = seg_end - start - ihl
+        if version == 4:
+            ident = (ident0 + index) & 0xFFFF
+            pack16(frame, start + 2, ihl + udp_len)
+            pack16(frame, start + 4, ident)
+            value = _fold(ip_sum + ihl + udp_len + ident)
+            pack16(frame, start + 10, ~value & 0xFFFF)
+        else:
+            pack16(frame, start + 4, udp_len)
+        pack16(frame, start + ihl + 4, udp_len)
+        if partial:
+            pack16(frame, start + ihl + 6, _fold(pseudo + udp_len))
+        else:
+            value = _fold(_sum16(frame[start + ihl : seg_end]) + pseudo + udp_len)
+            pack16(frame, start + ihl + 6, (~value & 0xFFFF) or 0xFFFF)
+        yield frame[start:seg_end]
+        if seg_end >= end:
+            return
+        off += size
         index += 1
 
 

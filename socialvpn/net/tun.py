@@ -58,6 +58,8 @@ TUNSETOFFLOAD = 0x400454D0
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04
+TUN_F_USO4 = 0x20  # UDP segmentation, Linux 6.2+
+TUN_F_USO6 = 0x40
 
 DEFAULT_BATCH = 64
 FRAME_BUFFER = 65536 + 64
@@ -152,6 +154,8 @@ class TunDevice:
         """TSO super-packets read (offloads only)."""
         self.merged_writes = 0
         """GSO super-packets written (offloads only)."""
+        self.uso = False
+        """The kernel may hand over UDP super-packets too (TUN_F_USO4/6 accepted)."""
         self._closed = False
         self._close_lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -188,16 +192,22 @@ class TunDevice:
             raise TunError(f"cannot set up TUN device {name}: {_describe(exc)}") from exc
         finally:
             dev.close()
+        uso = False
         if offloads:
-            try:
-                # The kernel may now hand us TCP super-packets with partial checksums.
-                fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
-            except OSError:
-                # No offloads here: every frame still carries a (zero) virtio header.
-                with contextlib.suppress(OSError):
-                    fcntl.ioctl(fd, TUNSETOFFLOAD, 0)
+            # The kernel may now hand us TCP (and, where it offers USO, UDP) super-packets
+            # with partial checksums. Older kernels refuse the USO bits: then TCP only.
+            tcp = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
+            for bits in (tcp | TUN_F_USO4 | TUN_F_USO6, tcp, 0):
+                try:
+                    fcntl.ioctl(fd, TUNSETOFFLOAD, bits)
+                except OSError:
+                    continue  # with 0 refused too: frames still carry a (zero) virtio header
+                uso = bool(bits & TUN_F_USO4)
+                break
         os.set_blocking(fd, False)
-        return cls(name, fd, mtu, offloads)
+        device = cls(name, fd, mtu, offloads)
+        device.uso = uso
+        return device
 
     # --- attributes -------------------------------------------------------------------------
 
@@ -246,7 +256,7 @@ class TunDevice:
         self._pending.extend(segments)
 
     def stats(self) -> dict[str, int | bool]:
-        return {"offloads": self.offloads, "super_reads": self.super_reads,
+        return {"offloads": self.offloads, "uso": self.uso, "super_reads": self.super_reads,
                 "merged_writes": self.merged_writes, "dropped_reads": self.dropped_reads,
                 "dropped_writes": self.dropped_writes}
 
