@@ -93,6 +93,8 @@ class WebState:
         self.refused: Counter[str] = Counter()
         self.closing = asyncio.Event()
         self.streams = 0
+        self.snapshots: dict[str, tuple[float, str]] = {}
+        """status/peers as JSON text and when they were taken: every open stream shares one."""
         self.static = _load_static()
 
     @property
@@ -267,6 +269,17 @@ async def _call(agent: AgentAPI, method: str, path: str, body: dict[str, Any]) -
     return await ROUTES.routes[(method, path)].handler(agent, body)
 
 
+async def _snapshot(agent: AgentAPI, state: WebState, name: str, now: float) -> str:
+    """``GET name`` as JSON text, taken at most once per half snapshot interval for all
+    streams together (ten open tabs do not make the agent build its peer table ten times)."""
+    cached = state.snapshots.get(name)
+    if cached is not None and 0 <= now - cached[0] < SNAPSHOT_INTERVAL / 2:
+        return cached[1]
+    text = json.dumps(await _call(agent, "GET", name, {}), sort_keys=True)
+    state.snapshots[name] = (now, text)
+    return text
+
+
 def _sse(event: str, data: Any, event_id: int | None = None) -> bytes:
     head = f"id: {event_id}\n" if event_id is not None else ""
     return f"{head}event: {event}\ndata: {json.dumps(data, sort_keys=True)}\n\n".encode()
@@ -305,8 +318,7 @@ async def _stream(request: web.Request, agent: AgentAPI, state: WebState) -> web
             if now >= next_snapshot:
                 next_snapshot = now + SNAPSHOT_INTERVAL
                 for name in ("status", "peers"):
-                    value = await _call(agent, "GET", name, {})
-                    text = json.dumps(value, sort_keys=True)
+                    text = await _snapshot(agent, state, name, now)
                     if text != sent.get(name):
                         sent[name] = text
                         await response.write(f"event: {name}\ndata: {text}\n\n".encode())

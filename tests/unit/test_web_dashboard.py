@@ -523,6 +523,33 @@ async def test_event_stream_sends_events_and_snapshots(door: Door) -> None:
         assert got["peers"][0][1]["rx_bytes"] > 1000
 
 
+async def test_streams_share_one_peer_snapshot(door: Door) -> None:
+    """Every open stream reads the same status/peers text, built at most once per half
+    interval (fixed clock values: no timing)."""
+    from socialvpn.web.app import SNAPSHOT_INTERVAL, _snapshot
+    state = door.server.web
+    calls = 0
+    real = door.agent.peers
+
+    def counting() -> list[dict[str, Any]]:
+        nonlocal calls
+        calls += 1
+        return real()
+
+    door.agent.peers = counting  # type: ignore[method-assign]
+    state.snapshots.clear()
+    first = await _snapshot(door.agent, state, "peers", 100.0)
+    for _ in range(10):  # ten streams in the same tick
+        assert await _snapshot(door.agent, state, "peers", 100.0 + SNAPSHOT_INTERVAL / 4) == first
+    assert calls == 1
+    door.agent.traffic = 10
+    later = await _snapshot(door.agent, state, "peers", 100.0 + SNAPSHOT_INTERVAL)
+    assert calls == 2 and later != first
+    # a clock that went backwards never serves a stale snapshot forever
+    await _snapshot(door.agent, state, "peers", 50.0)
+    assert calls == 3
+
+
 async def test_stop_ends_open_streams(door: Door) -> None:
     cookie, _ = await door.login()
     async with door.http.get(f"{door.origin}/api/v1/events",
