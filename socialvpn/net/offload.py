@@ -170,7 +170,7 @@ class Segments:
             return
         if kind not in (GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4) or gso_size <= 0:
             raise OffloadError(f"unsupported GSO type {gso_type}")
-        ihl, thl = _udp_headers(packet) if self._udp else _tcp_headers(packet)
+        ihl, thl = _gso_headers(packet, PROTO_UDP if self._udp else PROTO_TCP)
         total = len(packet) - ihl - thl
         self._mss = gso_size
         self.count = max(1, -(-total // gso_size))
@@ -262,46 +262,33 @@ def partial_header(packet: Buffer) -> bytes:
     return hdr
 
 
-def _tcp_headers(packet: memoryview) -> tuple[int, int]:
+def _gso_headers(packet: memoryview, proto: int) -> tuple[int, int]:
+    """(IP header length, TCP or UDP header length) of a super-packet of protocol ``proto``,
+    else OffloadError."""
+    what = "TCP" if proto == PROTO_TCP else "UDP"
     version = packet[0] >> 4
     if version == 4:
         ihl = (packet[0] & 0x0F) * 4
-        if packet[9] != PROTO_TCP:
-            raise OffloadError("TSO for a packet that is not TCP")
+        if packet[9] != proto:
+            raise OffloadError(f"{what} segmentation for a packet that is not {what}")
         if ihl < 20:
             raise OffloadError("bad IPv4 header length")
     elif version == 6:
         ihl = 40
-        if packet[6] != PROTO_TCP:
-            raise OffloadError("TSO over IPv6 extension headers is not supported")
+        if packet[6] != proto:
+            raise OffloadError(f"{what} segmentation over IPv6 extension headers is not supported")
     else:
-        raise OffloadError("TSO for a packet that is not IP")
+        raise OffloadError(f"{what} segmentation for a packet that is not IP")
+    if proto == PROTO_UDP:
+        if len(packet) < ihl + 8:
+            raise OffloadError("truncated UDP header")
+        return ihl, 8
     if len(packet) < ihl + 20:
         raise OffloadError("truncated TCP header")
     thl = (packet[ihl + 12] >> 4) * 4
     if thl < 20 or len(packet) < ihl + thl:
         raise OffloadError("truncated TCP header")
     return ihl, thl
-
-
-def _udp_headers(packet: memoryview) -> tuple[int, int]:
-    """(IP header length, 8) of a UDP super-packet (USO), else OffloadError."""
-    version = packet[0] >> 4
-    if version == 4:
-        ihl = (packet[0] & 0x0F) * 4
-        if packet[9] != PROTO_UDP:
-            raise OffloadError("UDP segmentation for a packet that is not UDP")
-        if ihl < 20:
-            raise OffloadError("bad IPv4 header length")
-    elif version == 6:
-        ihl = 40
-        if packet[6] != PROTO_UDP:
-            raise OffloadError("UDP segmentation over IPv6 extension headers is not supported")
-    else:
-        raise OffloadError("UDP segmentation for a packet that is not IP")
-    if len(packet) < ihl + 8:
-        raise OffloadError("truncated UDP header")
-    return ihl, 8
 
 
 def _complete_in_place(packet: memoryview, start: int, offset: int) -> None:
@@ -318,7 +305,7 @@ def _tso_segments(frame: memoryview, mss: int, partial: bool = False) -> Iterato
     built in place right before its payload."""
     base = VNET_HDR_LEN
     version = frame[base] >> 4
-    ihl, thl = _tcp_headers(frame[base:])
+    ihl, thl = _gso_headers(frame[base:], PROTO_TCP)
     hdr_len = ihl + thl
     end = len(frame)
     template = bytearray(frame[base : base + hdr_len])
@@ -391,7 +378,7 @@ def _uso_segments(frame: memoryview, size: int, partial: bool = False) -> Iterat
     checksums (``partial``: the pseudo-header sum only), built in place like TSO segments."""
     base = VNET_HDR_LEN
     version = frame[base] >> 4
-    ihl, _ = _udp_headers(frame[base:])
+    ihl, _ = _gso_headers(frame[base:], PROTO_UDP)
     hdr_len = ihl + 8
     end = len(frame)
     template = bytearray(frame[base : base + hdr_len])
