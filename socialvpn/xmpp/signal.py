@@ -10,8 +10,9 @@ Nothing here does I/O: time comes in as ``now`` (monotonic seconds), randomness 
 Messages (one session = one ``sid``, 16 lowercase hex chars, chosen by the offerer):
 
 * ``offer``      creates a session; carries the offerer's fresh ICE ufrag/pwd (and may carry
-                 candidates).
-* ``answer``     accepts it; carries the answerer's fresh ufrag/pwd (and may carry candidates).
+                 candidates and feature tokens).
+* ``answer``     accepts it; carries the answerer's fresh ufrag/pwd (and may carry candidates and
+                 feature tokens).
 * ``candidates`` up to :data:`MAX_CANDIDATES` SDP ``candidate:`` attributes; ``end_of_candidates``
                  marks the last.
 * ``end``        the sender's ICE failed or timed out; both sides stop ICE and retry later with a
@@ -34,6 +35,12 @@ Rules (RELIABILITY rows 7, 8, 24; NetBird's ``OfferAnswer.SessionID``):
   an answer -> WAITING (an answer arriving during the backoff is still taken up);
   ``connect_timeout`` in CONNECTING -> like an ICE failure; the backoff in WAITING -> new offer.
 * Rejected input changes nothing (no state, no sequence number consumed).
+
+Features: an offer and an answer may carry up to :data:`MAX_FEATURES` feature tokens (what the
+sender's side of the link can do, e.g. :data:`CSUM_PARTIAL`). A session uses a feature when
+both sides advertised it (:attr:`StartIce.features`, :attr:`LinkSignaling.agreed_features`);
+tokens we do not know are ignored, and a peer that sends none (an older build) has none. Every
+session negotiates anew: a restart or a new offer may switch a feature on or off.
 
 Everything a peer can do wrong raises :class:`ProtocolError` (reasons ``malformed``, ``oversize``,
 ``stale``, ``sequence``, ``state``); the caller drops the stanza and counts the reason. Local
@@ -69,6 +76,8 @@ MAX_SESSION_CANDIDATES = 4 * MAX_CANDIDATES  # remote candidates accepted per se
 UFRAG_MIN_CHARS, UFRAG_MAX_CHARS = 4, 32  # RFC 8839 §5.4 ice-ufrag: 4*256 ice-char, we cap at 32
 PWD_MIN_CHARS, PWD_MAX_CHARS = 22, 256  # RFC 8839 §5.4 ice-pwd: 22*256 ice-char
 MAX_REASON_CHARS = 64
+MAX_FEATURES = 8  # feature tokens per offer/answer
+MAX_FEATURE_CHARS = 24  # per feature token
 MAX_SEQ = 2**31 - 1
 SID_BYTES = 8  # 16 hex chars
 UFRAG_BYTES = 12  # 16 base64 chars (base64's alphabet is exactly ice-char)
@@ -104,6 +113,13 @@ _CANDIDATE_RE = re.compile(
     r"(?: [!-~]+ [!-~]+)*"
 )
 _MDNS_RE = re.compile(r"[A-Za-z0-9-]{1,63}\.local")
+_FEATURE_RE = re.compile(r"[a-z0-9][a-z0-9-]*")
+
+CSUM_PARTIAL = "csum-partial"
+"""Feature: this side's TUN device has offloads, so TCP/UDP packets may cross with only the
+pseudo-header sum in their checksum field (net/offload.py, "partial checksums")."""
+KNOWN_FEATURES = frozenset({CSUM_PARTIAL})
+"""The feature tokens this build understands; others a peer advertises are ignored."""
 
 
 class Kind(StrEnum):
@@ -145,6 +161,7 @@ class LinkMessage:
     candidates: tuple[str, ...] = ()
     end_of_candidates: bool = False
     reason: str = ""
+    features: tuple[str, ...] = ()  # offer/answer: the sender's feature tokens
 
 
 @dataclass(frozen=True)
@@ -160,6 +177,8 @@ class StartIce:
     local_pwd: str
     remote_ufrag: str
     remote_pwd: str
+    features: frozenset[str] = frozenset()
+    """The features this session uses: advertised by both sides (see the module doc)."""
 
 
 @dataclass(frozen=True)
@@ -210,6 +229,26 @@ def check_candidate(candidate: object) -> str:
     return candidate
 
 
+def check_features(features: object) -> tuple[str, ...]:
+    """Check a tuple of feature tokens (known or not): at most :data:`MAX_FEATURES` distinct
+    tokens of 1..:data:`MAX_FEATURE_CHARS` characters ``[a-z0-9-]`` (not starting with ``-``).
+    Returns it; raises ProtocolError (``oversize``/``malformed``), nothing else."""
+    if not isinstance(features, tuple):
+        raise _bad("features is not a tuple")
+    if len(features) > MAX_FEATURES:
+        raise _bad(f"more than {MAX_FEATURES} features", "oversize")
+    for token in features:
+        if not isinstance(token, str):
+            raise _bad("feature is not a string")
+        if len(token) > MAX_FEATURE_CHARS:
+            raise _bad(f"feature longer than {MAX_FEATURE_CHARS}", "oversize")
+        if not _FEATURE_RE.fullmatch(token):
+            raise _bad("feature is not a token of [a-z0-9-]")
+    if len(set(features)) != len(features):
+        raise _bad("feature listed twice")
+    return features
+
+
 def _check_text(value: object, name: str, low: int, high: int, pattern: re.Pattern[str]) -> None:
     if not isinstance(value, str):
         raise _bad(f"{name} is not a string")
@@ -240,6 +279,9 @@ def validate(msg: LinkMessage) -> LinkMessage:
         _check_text(msg.pwd, "pwd", PWD_MIN_CHARS, PWD_MAX_CHARS, _ICE_CHARS_RE)
     elif msg.ufrag != "" or msg.pwd != "":
         raise _bad(f"{kind} carries ICE credentials")
+    check_features(msg.features)
+    if msg.features and kind not in _WITH_CREDENTIALS:
+        raise _bad(f"{kind} carries features")
     if not isinstance(msg.candidates, tuple):
         raise _bad("candidates is not a tuple")
     if len(msg.candidates) > MAX_CANDIDATES:
@@ -256,6 +298,11 @@ def validate(msg: LinkMessage) -> LinkMessage:
     if msg.reason and kind not in _WITH_REASON:
         raise _bad(f"{kind} carries a reason")
     return msg
+
+
+def _known(features: tuple[str, ...]) -> frozenset[str]:
+    """The tokens of a (validated) peer's feature list that this build understands."""
+    return frozenset(features) & KNOWN_FEATURES
 
 
 def _clean_reason(reason: str) -> str:
@@ -282,6 +329,12 @@ class _Session:
     remote_end: bool = False
     local_candidates: int = 0
     local_end: bool = False
+    local_features: frozenset[str] = frozenset()  # what we advertised in our offer/answer
+    remote_features: frozenset[str] = frozenset()  # the known ones the peer advertised
+
+    @property
+    def agreed(self) -> frozenset[str]:
+        return self.local_features & self.remote_features
 
 
 _Handler = Callable[["LinkSignaling", LinkMessage, float], list[Action]]
@@ -307,6 +360,7 @@ class LinkSignaling:
         connect_timeout: float = CONNECT_TIMEOUT,
         jitter_rand: Callable[[], float] | None = None,
         seen_sids: int = SEEN_SIDS,
+        features: Iterable[str] = (),
     ) -> None:
         if not isinstance(local_id, str) or not isinstance(remote_id, str):
             raise ValueError("device ids must be strings")
@@ -317,6 +371,8 @@ class LinkSignaling:
         self.local_id = local_id
         self.remote_id = remote_id
         self._rng = rng
+        self._features: tuple[str, ...] = ()
+        self.set_features(features)
         self.offer_timeout = offer_timeout
         self.connect_timeout = connect_timeout
         self._backoff = Backoff(
@@ -355,6 +411,34 @@ class LinkSignaling:
     def backoff_attempts(self) -> int:
         return self._backoff.attempts
 
+    @property
+    def features(self) -> tuple[str, ...]:
+        """What we advertise in our next offer or answer (sorted)."""
+        return self._features
+
+    def set_features(self, features: Iterable[str]) -> None:
+        """Change what we advertise from the next offer or answer on (a running session keeps
+        what was agreed). Raises ValueError for tokens that could not go on the wire."""
+        if isinstance(features, str):
+            raise ValueError("features is an iterable of tokens, not one string")
+        tokens = tuple(sorted(set(features)))
+        try:
+            check_features(tokens)
+        except ProtocolError as exc:
+            raise ValueError(f"local features {tokens!r}: {exc}") from None
+        self._features = tokens
+
+    @property
+    def remote_features(self) -> frozenset[str]:
+        """The known features the peer advertised for the current session (empty before its
+        offer or answer, or when it sent none)."""
+        return self._session.remote_features if self._session is not None else frozenset()
+
+    @property
+    def agreed_features(self) -> frozenset[str]:
+        """The features the current session uses: advertised by both sides."""
+        return self._session.agreed if self._session is not None else frozenset()
+
     def seen(self, sid: str) -> bool:
         """Whether ``sid`` is remembered (an offer with it would be refused as stale)."""
         return sid in self._seen
@@ -378,10 +462,11 @@ class LinkSignaling:
         if self._state in (State.OFFERING, State.CONNECTING, State.CONNECTED):
             return []
         ufrag, pwd = self._credentials()
-        session = _Session(self._new_sid(), True, ufrag, pwd)
+        session = _Session(self._new_sid(), True, ufrag, pwd,
+                           local_features=frozenset(self._features))
         self._session = self._pending = session
         self._remember(session.sid)
-        offer = self._message(Kind.OFFER, ufrag=ufrag, pwd=pwd)
+        offer = self._message(Kind.OFFER, ufrag=ufrag, pwd=pwd, features=self._features)
         self._state = State.OFFERING
         self._arm(now + self.offer_timeout, self._expired_offer)
         return [SendMessage(offer)]
@@ -614,15 +699,18 @@ class LinkSignaling:
 
     def _accept_offer(self, msg: LinkMessage, now: float) -> list[Action]:
         ufrag, pwd = self._credentials()
-        session = _Session(msg.sid, False, ufrag, pwd, msg.ufrag, msg.pwd, recv_seq=msg.seq)
+        session = _Session(msg.sid, False, ufrag, pwd, msg.ufrag, msg.pwd, recv_seq=msg.seq,
+                           local_features=frozenset(self._features),
+                           remote_features=_known(msg.features))
         self._session = session
-        answer = self._message(Kind.ANSWER, ufrag=ufrag, pwd=pwd)
+        answer = self._message(Kind.ANSWER, ufrag=ufrag, pwd=pwd, features=self._features)
         return [SendMessage(answer), *self._start_ice(msg, now)]
 
     def _take_up_pending(self, msg: LinkMessage, now: float) -> list[Action]:
         session = self._pending
         assert session is not None
         session.remote_ufrag, session.remote_pwd = msg.ufrag, msg.pwd
+        session.remote_features = _known(msg.features)
         self._session, self._pending = session, None
         return self._start_ice(msg, now)
 
@@ -634,7 +722,7 @@ class LinkSignaling:
         self._arm(now + self.connect_timeout, self._expired_connect)
         actions: list[Action] = [
             StartIce(session.sid, self.role, session.local_ufrag, session.local_pwd,
-                     session.remote_ufrag, session.remote_pwd)
+                     session.remote_ufrag, session.remote_pwd, session.agreed)
         ]
         if msg.candidates or msg.end_of_candidates:
             session.remote_candidates = len(msg.candidates)
@@ -702,10 +790,12 @@ class LinkSignaling:
         candidates: tuple[str, ...] = (),
         end_of_candidates: bool = False,
         reason: str = "",
+        features: tuple[str, ...] = (),
     ) -> LinkMessage:
         session = self._live()
         msg = LinkMessage(
-            kind, session.sid, session.send_seq, ufrag, pwd, candidates, end_of_candidates, reason
+            kind, session.sid, session.send_seq, ufrag, pwd, candidates, end_of_candidates,
+            reason, features,
         )
         session.send_seq += 1
         return msg
@@ -810,6 +900,10 @@ def coalesce_candidates(messages: Iterable[LinkMessage]) -> list[LinkMessage]:
 
 __all__ = [
     "CONNECT_TIMEOUT",
+    "CSUM_PARTIAL",
+    "KNOWN_FEATURES",
+    "MAX_FEATURES",
+    "MAX_FEATURE_CHARS",
     "MAX_CANDIDATES",
     "MAX_CANDIDATE_CHARS",
     "MAX_SESSION_CANDIDATES",
@@ -833,6 +927,7 @@ __all__ = [
     "State",
     "StopIce",
     "check_candidate",
+    "check_features",
     "coalesce_candidates",
     "validate",
 ]

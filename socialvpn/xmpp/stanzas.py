@@ -20,7 +20,7 @@ from slixmpp.xmlstream import ElementBase, register_stanza_plugin
 from ..errors import ProtocolError
 from ..groups import validate_group_name
 from ..keys import device_id_of, unb64_key
-from .signal import Kind, LinkMessage, validate
+from .signal import MAX_FEATURE_CHARS, MAX_FEATURES, Kind, LinkMessage, validate
 
 NS = "urn:xmpp:socialvpn:0"
 PROTOCOL_VERSION = "0"
@@ -30,6 +30,7 @@ MAX_ELEMENT_BYTES = 1024  # a <device/> element, serialised
 MAX_IQ_PAYLOAD_BYTES = 96 * 1024  # a membership document (60 KB) in base64, with room
 MAX_NAME_CHARS = 64
 MAX_ATTR_CHARS = 256
+MAX_FEATURES_CHARS = MAX_FEATURES * (MAX_FEATURE_CHARS + 1) - 1  # the tokens, space-separated
 
 _DEVICE_ID_RE = re.compile(r"[a-z2-7]{16}")
 _PRINTABLE_RE = re.compile(r"[^\x00-\x1f\x7f]*")
@@ -245,8 +246,13 @@ def parse_group_op(xml: ET.Element, iq_type: str) -> GroupOp:
 
 
 def _parse_link(xml: ET.Element) -> LinkMessage:
-    """``<link sid seq kind [ufrag pwd end reason]><candidate>...</candidate>*</link>``.
-    Keys never travel here: they come from signed membership documents only."""
+    """``<link sid seq kind [ufrag pwd end reason features]><candidate>...</candidate>*</link>``.
+    Keys never travel here: they come from signed membership documents only.
+
+    ``features`` (offer/answer) is a space-separated list of feature tokens
+    (``features="csum-partial"``). An attribute, not a child element: older builds ignore
+    attributes they do not know but refuse unknown children, so they still read our offers;
+    a peer that sends none has none."""
     try:
         kind = Kind(_attr(xml, "kind", 16))
     except ValueError:
@@ -261,10 +267,15 @@ def _parse_link(xml: ET.Element) -> LinkMessage:
         candidates.append((child.text or "").strip())
     if (xml.text or "").strip():
         raise ProtocolError("text in <link/>", "malformed")
+    features: tuple[str, ...] = ()
+    if xml.get("features") is not None:
+        text = _attr(xml, "features", MAX_FEATURES_CHARS)
+        features = tuple(text.split(" ")) if text else ()
     return validate(LinkMessage(
         kind=kind, sid=_attr(xml, "sid", 16), seq=int(seq_text),
         ufrag=xml.get("ufrag", ""), pwd=xml.get("pwd", ""), candidates=tuple(candidates),
-        end_of_candidates=xml.get("end") == "1", reason=xml.get("reason", "")))
+        end_of_candidates=xml.get("end") == "1", reason=xml.get("reason", ""),
+        features=features))
 
 
 def _element(op: str, **attrs: str) -> ET.Element:
@@ -295,6 +306,8 @@ def make_group_op(op: GroupOp) -> tuple[str, ET.Element]:
                 attrs[key] = value
         if op.end_of_candidates:
             attrs["end"] = "1"
+        if op.features:
+            attrs["features"] = " ".join(op.features)
         el = _element("link", **attrs)
         for candidate in op.candidates:
             ET.SubElement(el, f"{{{NS}}}candidate").text = candidate

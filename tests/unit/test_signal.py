@@ -23,8 +23,11 @@ from hypothesis import strategies as st
 from socialvpn.errors import ProtocolError
 from socialvpn.xmpp import signal as sigmod
 from socialvpn.xmpp.signal import (
+    CSUM_PARTIAL,
     MAX_CANDIDATE_CHARS,
     MAX_CANDIDATES,
+    MAX_FEATURE_CHARS,
+    MAX_FEATURES,
     MAX_SESSION_CANDIDATES,
     SEEN_SIDS,
     AddRemoteCandidates,
@@ -38,6 +41,7 @@ from socialvpn.xmpp.signal import (
     State,
     StopIce,
     check_candidate,
+    check_features,
     coalesce_candidates,
     validate,
 )
@@ -889,7 +893,10 @@ def random_message(rnd: random.Random, sids: list[str]) -> LinkMessage:
         candidates = [CAND]  # type: ignore[assignment]
     end = rnd.random() < 0.5
     reason = rnd.choice(["", "", "", "ice-failed", "bad\x00", "r" * 65])
-    return LinkMessage(kind, sid, seq, ufrag, pwd, candidates, end, reason)  # type: ignore[arg-type]
+    features = rnd.choice([(), (), (CSUM_PARTIAL,), ("x-new", CSUM_PARTIAL), ("Bad",), ("f",) * 2,
+                           tuple(f"f{i}" for i in range(MAX_FEATURES + 1)), [CSUM_PARTIAL]])
+    return LinkMessage(kind, sid, seq, ufrag, pwd, candidates, end, reason,  # type: ignore[arg-type]
+                       features)  # type: ignore[arg-type]
 
 
 @settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -1140,3 +1147,141 @@ def test_reoffer_after_lost_signalling_offers_a_fresh_session_at_once() -> None:
     d = machine(BIG, SMALL, 5)
     d.close(0.0)
     assert d.reoffer(1.0) == [] and d.state is State.CLOSED
+
+
+# --- features (partial checksums between our own peers) -----------------------------------------
+
+
+def test_features_are_offered_answered_and_agreed_per_session() -> None:
+    a = machine(BIG, SMALL, 1, features=[CSUM_PARTIAL])
+    b = machine(SMALL, BIG, 2, features=(CSUM_PARTIAL,))
+    assert a.features == (CSUM_PARTIAL,) and a.remote_features == frozenset()
+    offer_msg = only_msg(a.start(0.0))
+    assert offer_msg.features == (CSUM_PARTIAL,)
+    assert a.agreed_features == frozenset()  # no answer yet
+    b_actions = b.receive(offer_msg, 0.1)
+    answer_msg = only_msg(b_actions)
+    assert answer_msg.kind is Kind.ANSWER and answer_msg.features == (CSUM_PARTIAL,)
+    (b_start,) = [x for x in b_actions if isinstance(x, StartIce)]
+    assert b_start.features == {CSUM_PARTIAL} and b.agreed_features == {CSUM_PARTIAL}
+    assert b.remote_features == {CSUM_PARTIAL}
+    (a_start,) = [x for x in a.receive(answer_msg, 0.2) if isinstance(x, StartIce)]
+    assert a_start.features == {CSUM_PARTIAL} and a.remote_features == {CSUM_PARTIAL}
+    # other kinds never carry features
+    assert all(not m.features for m in sent(a.local_candidates((CAND,), True, 0.3)))
+
+
+@pytest.mark.parametrize("side", ["offerer", "answerer"])
+def test_a_peer_without_features_gets_none(side: str) -> None:
+    """An older build sends no features (and ignores ours): the session agrees on nothing."""
+    ours = machine(BIG, SMALL, 1, features=(CSUM_PARTIAL,))
+    if side == "offerer":
+        assert only_msg(ours.start(0.0)).features == (CSUM_PARTIAL,)
+        actions = ours.receive(answer(ours.sid, 0), 0.1)
+    else:
+        actions = ours.receive(offer(), 0.1)
+        assert only_msg(actions).features == (CSUM_PARTIAL,)
+    (start,) = [x for x in actions if isinstance(x, StartIce)]
+    assert start.features == frozenset() and ours.agreed_features == frozenset()
+    assert ours.remote_features == frozenset()
+    # and we without offloads advertise nothing, whatever the peer says
+    plain = machine(BIG, SMALL, 3)
+    actions = plain.receive(offer(features=(CSUM_PARTIAL,)), 0.0)
+    assert only_msg(actions).features == ()
+    assert plain.remote_features == {CSUM_PARTIAL} and plain.agreed_features == frozenset()
+
+
+def test_unknown_feature_tokens_are_ignored() -> None:
+    m = machine(BIG, SMALL, 1, features=(CSUM_PARTIAL,))
+    actions = m.receive(offer(features=("zz-future", CSUM_PARTIAL, "x1")), 0.0)
+    (start,) = [x for x in actions if isinstance(x, StartIce)]
+    assert start.features == {CSUM_PARTIAL} and m.remote_features == {CSUM_PARTIAL}
+    m2 = machine(BIG, SMALL, 2, features=(CSUM_PARTIAL,))
+    m2.receive(offer(features=("zz-future",)), 0.0)
+    assert m2.remote_features == frozenset() and m2.agreed_features == frozenset()
+
+
+def test_each_new_session_negotiates_anew() -> None:
+    """A restart by the peer (new offer while connected) without the token switches the feature
+    off for the new session; a later one with it switches it on again. Our own change of
+    features applies from our next offer or answer."""
+    ours = Peer(machine(BIG, SMALL, 1, features=(CSUM_PARTIAL,)), gather=False)
+    ours.deliver(offer(SID1, features=(CSUM_PARTIAL,)), 0.0)
+    ours.sig.ice_connected(1.0)
+    assert ours.sig.agreed_features == {CSUM_PARTIAL}
+    ours.deliver(offer(SID2), 2.0)  # the peer came back as an older build
+    assert not ours.errors and ours.sig.sid == SID2
+    assert ours.started[-1].features == frozenset() and ours.sig.agreed_features == frozenset()
+    sid3 = "00000000000000aa"
+    ours.deliver(offer(sid3, features=(CSUM_PARTIAL,)), 3.0)
+    assert ours.started[-1].features == {CSUM_PARTIAL}
+    ours.sig.set_features(())  # e.g. our TUN device lost its offloads
+    assert ours.sig.agreed_features == {CSUM_PARTIAL}  # the running session keeps its own
+    ours.apply(ours.sig.ice_failed("consent", 4.0), 4.0)
+    ours.take()
+    offer_msg = only_msg(ours.sig.handle_timer(100.0))
+    assert offer_msg.kind is Kind.OFFER and offer_msg.features == ()
+    ours.deliver(answer(offer_msg.sid, 0, features=(CSUM_PARTIAL,)), 101.0)
+    assert ours.started[-1].features == frozenset() and ours.sig.agreed_features == frozenset()
+
+
+def test_glare_loser_answers_with_its_features_and_winner_agrees() -> None:
+    big, small = pair()
+    big.sig.set_features((CSUM_PARTIAL,))
+    small.sig.set_features((CSUM_PARTIAL,))
+    big.apply(big.sig.start(0.0), 0.0)
+    small.apply(small.sig.start(0.0), 0.0)
+    (offer_big,), (offer_small,) = big.take(), small.take()
+    assert big.sig.receive(offer_small, 0.1) == []
+    small.deliver(offer_big, 0.1)
+    for msg in small.take():
+        big.deliver(msg, 0.2)
+    assert not big.errors and not small.errors
+    assert big.started[-1].features == small.started[-1].features == {CSUM_PARTIAL}
+
+
+LONG = "f" * (MAX_FEATURE_CHARS + 1)
+BAD_FEATURES = [
+    (["csum-partial"], "malformed"),  # not a tuple
+    ((7,), "malformed"),
+    (("",), "malformed"),
+    (("Csum",), "malformed"),
+    (("-x",), "malformed"),
+    (("a b",), "malformed"),
+    (("a\x00",), "malformed"),
+    (("é",), "malformed"),
+    ((CSUM_PARTIAL, CSUM_PARTIAL), "malformed"),
+    ((LONG,), "oversize"),
+    (tuple(f"f{i}" for i in range(MAX_FEATURES + 1)), "oversize"),
+    (("x" * 10_000,), "oversize"),
+]
+
+
+@pytest.mark.parametrize(("features", "reason"), BAD_FEATURES)
+def test_hostile_features_are_refused_and_change_nothing(features: object, reason: str) -> None:
+    assert reason_of(check_features, features) == reason
+    msg = replace(offer(), features=features)  # type: ignore[arg-type]
+    assert reason_of(validate, msg) == reason
+    m = machine(features=(CSUM_PARTIAL,))
+    before = snapshot(m)
+    assert reason_of(m.receive, msg, 0.0) == reason
+    assert snapshot(m) == before
+
+
+def test_feature_limits_and_where_features_may_go() -> None:
+    most = tuple(f"f{i}" for i in range(MAX_FEATURES - 1)) + ("f" * MAX_FEATURE_CHARS,)
+    assert check_features(most) == most and validate(answer(features=most))
+    for msg in (cands(SID1, 1, CAND), LinkMessage(Kind.END, SID1, 1, reason="x"),
+                LinkMessage(Kind.BYE, SID1, 0)):
+        assert reason_of(validate, replace(msg, features=(CSUM_PARTIAL,))) == "malformed"
+
+
+def test_local_features_are_checked() -> None:
+    m = machine(features=("b-feature", "a-feature", "a-feature"))
+    assert m.features == ("a-feature", "b-feature")  # sorted, once each
+    for bad in ("csum-partial", ("Bad",), (LONG,), [f"f{i}" for i in range(MAX_FEATURES + 1)]):
+        with pytest.raises(ValueError):
+            m.set_features(bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError):
+            machine(features=bad)  # type: ignore[arg-type]
+    assert m.features == ("a-feature", "b-feature")

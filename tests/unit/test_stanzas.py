@@ -17,18 +17,25 @@ from slixmpp.stanza import Presence
 
 from socialvpn.errors import ProtocolError
 from socialvpn.keys import DeviceKeys, b64
+from socialvpn.xmpp.signal import CSUM_PARTIAL, MAX_FEATURE_CHARS, MAX_FEATURES, Kind, LinkMessage
 from socialvpn.xmpp.stanzas import (
+    GROUP_OPS,
     MAX_ATTR_CHARS,
     MAX_ELEMENT_BYTES,
+    MAX_FEATURES_CHARS,
     MAX_IQ_PAYLOAD_BYTES,
     MAX_NAME_CHARS,
     NS,
     PROTOCOL_VERSION,
     DeviceElement,
     DeviceInfo,
+    LinkSignal,
+    _local,
     make_device,
+    make_group_op,
     ours,
     parse_device,
+    parse_group_op,
     parse_iq_payload,
     register_stanzas,
     serialized_size,
@@ -479,3 +486,109 @@ def test_parse_device_of_any_wire_text(text: str) -> None:
         parse_device(copy.deepcopy(xml))
     except ProtocolError:
         pass
+
+
+# --- <link/> signalling and its features --------------------------------------------------
+
+
+GID = "0123456789abcdef0123456789abcdef"
+LINK_PWD = "A" * 22
+
+
+def link_offer(**kw: object) -> LinkMessage:
+    return LinkMessage(Kind.OFFER, "0123456789abcdef", 0, ufrag="abcd", pwd=LINK_PWD, **kw)  # type: ignore[arg-type]
+
+
+def link_round_trip(msg: LinkMessage) -> tuple[ET.Element, LinkMessage]:
+    """make → wire text → parse, as between two agents."""
+    iq_type, el = make_group_op(LinkSignal(GID, msg))
+    assert iq_type == "set"
+    wire = ET.fromstring(ET.tostring(el, encoding="unicode"))
+    _, payload = parse_iq_payload(wire, GROUP_OPS)
+    op = parse_group_op(payload, "set")
+    assert isinstance(op, LinkSignal) and op.gid == GID
+    return el, op.msg
+
+
+def link_refused(el: ET.Element) -> ProtocolError:
+    with pytest.raises(ProtocolError) as info:
+        parse_group_op(el, "set")
+    return info.value
+
+
+def test_link_features_round_trip_as_one_attribute() -> None:
+    msg = link_offer(features=(CSUM_PARTIAL,),
+                     candidates=("candidate:1 1 UDP 1 10.0.0.1 9 typ host",))
+    el, back = link_round_trip(msg)
+    assert el.get("features") == CSUM_PARTIAL and back == msg
+    assert [_local(c.tag) for c in el] == ["candidate"]  # no new child: older builds read it
+    two = link_offer(features=("a-1", CSUM_PARTIAL))
+    el, back = link_round_trip(two)
+    assert el.get("features") == f"a-1 {CSUM_PARTIAL}" and back.features == ("a-1", CSUM_PARTIAL)
+    answer = LinkMessage(Kind.ANSWER, "0123456789abcdef", 1, ufrag="abcd", pwd=LINK_PWD,
+                         features=(CSUM_PARTIAL,))
+    assert link_round_trip(answer)[1] == answer
+
+
+def test_link_without_features_means_none() -> None:
+    el, back = link_round_trip(link_offer())
+    assert "features" not in el.attrib and back.features == ()
+    el.set("features", "")  # an empty list is no features either
+    assert parse_group_op(el, "set").msg.features == ()  # type: ignore[union-attr]
+
+
+def test_link_unknown_feature_tokens_pass_the_parser() -> None:
+    """The parser keeps well-formed tokens it does not know; the state machine ignores them."""
+    _, el = make_group_op(LinkSignal(GID, link_offer()))
+    el.set("features", f"zz-future {CSUM_PARTIAL}")
+    assert parse_group_op(el, "set").msg.features == ("zz-future", CSUM_PARTIAL)  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("value", "reason"), [
+    ("Csum-Partial", "malformed"),
+    ("csum-partial  x", "malformed"),  # an empty token
+    (" csum-partial", "malformed"),
+    ("csum-partial csum-partial", "malformed"),
+    ("a\tb", "malformed"),
+    ("a\x01", "malformed"),
+    ("<x/>", "malformed"),
+    ("f" * (MAX_FEATURE_CHARS + 1), "oversize"),
+    (" ".join(f"f{i}" for i in range(MAX_FEATURES + 1)), "oversize"),
+    ("x" * (MAX_FEATURES_CHARS + 1), "oversize"),
+    ("x " * 50_000, "oversize"),
+])
+def test_link_hostile_features_are_refused(value: str, reason: str) -> None:
+    _, el = make_group_op(LinkSignal(GID, link_offer()))
+    el.set("features", value)
+    err = link_refused(el)
+    assert err.reason == reason, err
+
+
+@pytest.mark.parametrize("kind", [Kind.CANDIDATES, Kind.END, Kind.BYE])
+def test_link_features_only_on_offer_and_answer(kind: Kind) -> None:
+    msg = LinkMessage(kind, "0123456789abcdef", 1, end_of_candidates=kind is Kind.CANDIDATES)
+    _, el = make_group_op(LinkSignal(GID, msg))
+    assert "features" not in el.attrib
+    el.set("features", CSUM_PARTIAL)
+    assert link_refused(el).reason == "malformed"
+
+
+def test_link_feature_child_element_is_refused_as_before() -> None:
+    """Features travel as an attribute; an unknown child stays malformed (as in older builds)."""
+    _, el = make_group_op(LinkSignal(GID, link_offer()))
+    ET.SubElement(el, f"{{{NS}}}feature").text = CSUM_PARTIAL
+    assert link_refused(el).reason == "malformed"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=300))
+def test_link_features_parse_total(value: str) -> None:
+    """Whatever the attribute holds: a LinkMessage or ProtocolError, nothing else."""
+    _, el = make_group_op(LinkSignal(GID, link_offer()))
+    el.set("features", value)
+    try:
+        msg = parse_group_op(el, "set").msg  # type: ignore[union-attr]
+    except ProtocolError as exc:
+        assert exc.reason in ("malformed", "oversize")
+    else:
+        assert len(msg.features) <= MAX_FEATURES
