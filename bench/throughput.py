@@ -39,6 +39,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from bench import pyfloor
 from bench.common import emit
 from tests.kit import peers
 from tests.kit.links import (
@@ -165,6 +166,10 @@ SETUPS: dict[str, Setup] = {s.name: s for s in [
           _ours(False)),
     Setup("ours-offload", "ours", "our link, TUN with offloads (IFF_VNET_HDR, TSO), UDP GSO/GRO",
           _ours(True)),
+    Setup("python-floor", "baseline", "reference, not a VPN (bench/pyfloor.py): the smallest "
+          "Python forwarder that still encrypts - one polling loop, ChaCha20-Poly1305 with a "
+          "static key, no handshake, replay window, routing or offloads. The floor of a Python "
+          "hop on this machine", _pair(pyfloor.floor_pair)),
 ]}
 
 
@@ -398,6 +403,10 @@ def targets(runs: list[dict[str, Any]], results: dict[str, Any], ratios: dict[st
         items.append(("offload-keeps-at-loss-nic", "(extra) NIC-like veth: offload path at "
                       "0.5 % loss keeps ≥ 80 % of its NIC-like lossless TCP 1 stream",
                       _median(keep_nic), 0.8, ">="))
+    if rtt_above("python-floor") is not None:
+        items.append(("python-floor-rtt", "(reference) the smallest Python forwarder's idle "
+                      "RTT ≤ raw veth + 0.4 ms: what any Python hop costs here",
+                      rtt_above("python-floor"), 0.4, "<="))
     if rtt_above("ours-per-packet") is not None:
         items.append(("per-packet-rtt", "(extra) per-packet path idle RTT ≤ raw veth + 0.4 ms",
                       rtt_above("ours-per-packet"), 0.4, "<="))
