@@ -425,6 +425,7 @@ class Device:
         (lists, or offload ``Segments`` whose packets are valid one at a time, in order)."""
         now = self._clock()
         count = len(groups[0]) if len(groups) == 1 else sum(map(len, groups))
+        nbytes = _inner_bytes(groups)
         first = -1
         with peer.lock:
             if peer.removed:
@@ -446,20 +447,21 @@ class Device:
                 timers.on_any_authenticated_packet_sent(now)
                 if not keepalive:
                     timers.on_data_sent(now)
-                    peer.tx_bytes += _inner_bytes(groups)
+                    peer.tx_bytes += nbytes
                     peer.tx_packets += count
                 initiate = timers.keep_key_fresh_sending(now, session)
         if first >= 0:
             # Outside the lock: the counters are ours alone, so the ACK-receiving thread is
             # not held up by a 64 KiB super-packet being sealed.
-            self._seal_and_send(session, first, groups, count, endpoint)  # type: ignore[arg-type]
+            self._seal_and_send(session, first, groups, count, nbytes,  # type: ignore[arg-type]
+                                endpoint)
         if initiate:
             self._initiate(peer, now)
 
     def _seal_and_send(self, session: Session, counter: int, groups: list[Any], count: int,
-                       endpoint: SockAddr) -> None:
+                       nbytes: int, endpoint: SockAddr) -> None:
         mtu = self.mtu
-        out = bytearray(_inner_bytes(groups) + count * (MESSAGE_TRANSPORT_SIZE + 16))
+        out = bytearray(nbytes + count * (MESSAGE_TRANSPORT_SIZE + 16))
         view = memoryview(out)
         seal = session.seal_into
         sizes: list[int] = []

@@ -54,7 +54,7 @@ class KeypairInfo(Protocol):
     def send_counter(self) -> int: ...
 
 
-class Timer(enum.Enum):
+class Timer(enum.StrEnum):
     RETRANSMIT_HANDSHAKE = "retransmit_handshake"
     SEND_KEEPALIVE = "send_keepalive"
     NEW_HANDSHAKE = "new_handshake"

@@ -183,13 +183,16 @@ class Segments:
     def __iter__(self) -> Iterator[memoryview]:
         packet = self._frame[VNET_HDR_LEN:]
         if not self._mss:
+            csum = self._csum
             if self.partial:
-                if self._csum is None or self._csum != _plain_l4(packet):
-                    if self._csum is not None:
-                        _complete_in_place(packet, *self._csum)
-                    to_partial_in_place(packet)
-            elif self._csum is not None:
-                _complete_in_place(packet, *self._csum)
+                where = _plain_l4(packet)
+                if csum != where:  # else already in partial form, as the kernel left it
+                    if csum is not None:
+                        _complete_in_place(packet, *csum)
+                    if where is not None:
+                        _to_partial(packet, *where)
+            elif csum is not None:
+                _complete_in_place(packet, *csum)
             return iter((packet,))
         if self._udp:
             return _uso_segments(self._frame, self._mss, self.partial)
@@ -235,9 +238,11 @@ def to_partial_in_place(packet: memoryview | bytearray) -> None:
     """Put a plain TCP/UDP packet with a full checksum into partial form (module doc);
     anything else is left alone."""
     where = _plain_l4(packet)
-    if where is None:
-        return
-    start, offset = where
+    if where is not None:
+        _to_partial(packet, *where)
+
+
+def _to_partial(packet: memoryview | bytearray, start: int, offset: int) -> None:
     at = start + offset
     if offset == 6 and packet[0] >> 4 == 4 and not (packet[at] | packet[at + 1]):
         return  # UDP over IPv4 without a checksum
