@@ -10,6 +10,12 @@ last working direct endpoint and our local port) get a WireGuard handshake at on
 XMPP needed. net/monitor.py reports host address changes: links move off addresses that are
 gone and send at once (peers follow by roaming), XMPP drops a session on a lost address, and
 ICE starts over.
+
+Partial checksums (net/offload.py): a group whose TUN device has offloads advertises
+``csum-partial`` in its offers and answers; a session both sides advertised it for uses them
+once its ICE connects (GroupLinks.start_ice), every other session switches them off. Link
+signalling that arrives before the group's TUN device is up waits for it (at most
+:data:`HOLD_TIMEOUT` s), so an answer never leaves out what the device can do.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from .errors import APIError, ProtocolError
 from .keys import fingerprint_of
 from .xmpp import stanzas
 from .xmpp.signal import (
+    CSUM_PARTIAL,
     AddRemoteCandidates,
     LinkMessage,
     LinkSignaling,
@@ -35,6 +42,7 @@ from .xmpp.signal import (
     SendMessage,
     StartIce,
     StopIce,
+    validate,
 )
 
 if TYPE_CHECKING:
@@ -47,6 +55,8 @@ ENDPOINTS_FILE = "endpoints.json"  # last working direct endpoint per (group, pe
 ENDPOINTS_VERSION = 1
 CACHE_INTERVAL = 5.0  # seconds between looks at what to cache
 CACHE_MAX_AGE = 7 * 86400.0  # cached endpoints older than this are forgotten
+HOLD_TIMEOUT = 10.0  # link signalling waits this long for its group's TUN device
+HOLD_MAX = 64  # messages per peer held meanwhile; more are refused (oversize)
 
 
 def cleanup_network(prefix: str = INTERFACE_PREFIX) -> list[str]:
@@ -105,6 +115,7 @@ class LinkHub:
         self._up: dict[str, asyncio.Event] = {}  # gid -> set once its links are up
         self._order: dict[tuple[str, str], asyncio.Lock] = {}
         self._unsent: set[tuple[str, str]] = set()  # our last signalling to them went nowhere
+        self._held: dict[tuple[str, str], list[LinkMessage]] = {}  # until the group is up
         self._overlay: tuple[str, ...] = ()
         self._restored: set[tuple[str, str]] = set()
         self._cache: dict[str, dict[str, dict[str, Any]]] = self._load_cache()
@@ -218,6 +229,7 @@ class LinkHub:
             links = self.groups[gid]
             links.set_excluded_networks(overlay)
             plans = groups.link_plans([doc], me)
+            features = self._features(gid)
             for peer_id, plan in plans.items():
                 links.set_peer(peer_id, base64.b64decode(plan.key), plan.allowed_ips)
                 key = (gid, peer_id)
@@ -225,10 +237,12 @@ class LinkHub:
                     self._restored.add(key)
                     self._restore(gid, peer_id, links)
                 if key not in self.signals:
-                    sig = LinkSignaling(me, peer_id, rng=os.urandom)
+                    sig = LinkSignaling(me, peer_id, rng=os.urandom, features=features)
                     self.signals[key] = sig
                     self.jids[key] = plan.jid
                     self._run(key, sig.start(time.monotonic()))
+                else:
+                    self.signals[key].set_features(features)  # from its next session on
             for key in [k for k in self.signals if k[0] == gid and k[1] not in plans]:
                 sig = self.signals.pop(key)
                 self._run(key, sig.close(time.monotonic()), jid=self.jids.pop(key, None))
@@ -369,18 +383,54 @@ class LinkHub:
             event.set()
         return event
 
+    def _features(self, gid: str) -> tuple[str, ...]:
+        """What this device advertises on the links of group ``gid``."""
+        links = self.groups.get(gid)
+        return (CSUM_PARTIAL,) if links is not None and links.offloads else ()
+
     def receive(self, gid: str, peer_id: str, jid: str, msg: LinkMessage) -> None:
         if not self.enabled:
             raise ProtocolError("links are switched off on this device", "unknown")
-        if gid not in self.groups:
-            self.changed()  # the document just arrived: the group's links are being set up
         key = (gid, peer_id)
+        held = self._held.get(key)
+        if gid not in self.groups or held is not None:
+            # The document just arrived: the group's links are being set up. Our answer
+            # must say what its TUN device can do, so the peer's messages wait for it (in
+            # order; malformed ones are still refused at once).
+            self.changed()
+            validate(msg)
+            if held is None:
+                held = self._held[key] = []
+                self.agent._spawn(self._release_held(key, jid))
+            if len(held) >= HOLD_MAX:
+                raise ProtocolError("too much link signalling before the group is up",
+                                    "oversize")
+            held.append(msg)
+            return
+        self._receive_now(key, jid, msg)
+
+    def _receive_now(self, key: tuple[str, str], jid: str, msg: LinkMessage) -> None:
         sig = self.signals.get(key)
         if sig is None:
-            sig = LinkSignaling(self.agent.device.id, peer_id, rng=os.urandom)
+            sig = LinkSignaling(self.agent.device.id, key[1], rng=os.urandom,
+                                features=self._features(key[0]))
             self.signals[key] = sig
             self.jids[key] = jid
         self._run(key, sig.receive(msg, time.monotonic()))
+
+    async def _release_held(self, key: tuple[str, str], jid: str) -> None:
+        """Hand the peer's held messages to its state machine once the group is up (or after
+        :data:`HOLD_TIMEOUT` s without: then nothing is advertised)."""
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ready(key[0]).wait(), HOLD_TIMEOUT)
+        finally:
+            held = self._held.pop(key, [])
+        for msg in held:
+            try:
+                self._receive_now(key, jid, msg)
+            except ProtocolError as exc:
+                self.agent.stanza_dropped(exc.reason, jid, str(exc))
 
     def _on_event(self, gid: str, event: Any) -> None:
         key = (gid, event.peer_id)
@@ -431,7 +481,8 @@ class LinkHub:
                                           local_ufrag=action.local_ufrag,
                                           local_pwd=action.local_pwd,
                                           remote_ufrag=action.remote_ufrag,
-                                          remote_pwd=action.remote_pwd)
+                                          remote_pwd=action.remote_pwd,
+                                          partial_checksums=CSUM_PARTIAL in action.features)
                 elif isinstance(action, AddRemoteCandidates):
                     links.add_remote_candidates(peer_id, tuple(action.candidates),
                                                 action.end_of_candidates)
@@ -485,6 +536,7 @@ class LinkHub:
                     "endpoint": stats.get("remote_endpoint"),
                     "datapath": links.datapath() if links is not None else None,
                     "transport": stats.get("transport"),
+                    "checksums": stats.get("checksums") or "full",
                     "fingerprint": fingerprint_of(base64.b64decode(device.key),
                                                   base64.b64decode(device.sign)),
                     **stats,

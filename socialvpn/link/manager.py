@@ -45,6 +45,12 @@ for :data:`DIRECT_GRACE` s). Our own wildcard sockets serve links restored from 
 cache (:meth:`GroupLinks.restore`) and links whose local address went away
 (:meth:`GroupLinks.network_changed`). Links that cross a NAT get WireGuard persistent keepalive
 (``keepalive``, config ``[link] keepalive``): that, not ICE consent, keeps NAT mappings.
+
+Partial checksums (net/offload.py) are negotiated per ICE session by the signalling (both
+sides' TUN devices have offloads: :attr:`GroupLinks.offloads`) and handed to
+:meth:`GroupLinks.start_ice`. They take effect when that session connects; a session that
+does not use them switches them off at once (the peer may be a fresh process or an older build
+that expects full checksums on whatever path is still in use).
 """
 
 from __future__ import annotations
@@ -558,6 +564,7 @@ class _Link:
         self.direct: DirectSocket | None = None  # the direct socket the Device sends on
         self.transport: str | None = None  # direct-socket | cached | roamed | ice-relay
         self.keepalive = 0.0  # the persistent keepalive the Device peer has now
+        self.partial_checksums = False  # the current ICE session agreed on them (see start_ice)
 
 
 class GroupLinks:
@@ -604,6 +611,11 @@ class GroupLinks:
     @property
     def public_key(self) -> bytes:
         return self.device.public_key
+
+    @property
+    def offloads(self) -> bool:
+        """Our TUN device has offloads: partial checksums can be offered to our peers."""
+        return self.device.vnet
 
     # -- lifecycle --
 
@@ -657,6 +669,7 @@ class GroupLinks:
             self.device.remove_peer(link.public_key)
             link.public_key = public_key
             link.allowed_ips = allowed
+            link.partial_checksums = False  # another key: the next session negotiates anew
         else:
             link = _Link(peer_id, public_key, allowed)
         endpoint = (peer_id, 0) if self.mux.attached(peer_id) else None
@@ -681,14 +694,21 @@ class GroupLinks:
     # -- ICE --
 
     async def start_ice(self, peer_id: str, *, controlling: bool, local_ufrag: str,
-                        local_pwd: str, remote_ufrag: str, remote_pwd: str) -> None:
+                        local_pwd: str, remote_ufrag: str, remote_pwd: str,
+                        partial_checksums: bool = False) -> None:
         """Begin a new ICE session with ``peer_id`` (closing any previous one). Gathering and
         connecting run in the background and report :class:`LinkEvent` values. Raises
         ``KeyError`` for an unknown peer and ``ValueError`` for malformed local
-        credentials (the remote ones, from the peer, only make the session fail)."""
+        credentials (the remote ones, from the peer, only make the session fail).
+
+        ``partial_checksums``: the session agreed on them (both sides advertised it); they
+        take effect when it connects. Without, they are off from now on."""
         if self._stopped:
             raise RuntimeError("GroupLinks was stopped")
         link = self._links[peer_id]
+        link.partial_checksums = bool(partial_checksums)
+        if not link.partial_checksums:
+            self._apply_checksums(link)
         await self._close_session(link)
         while link.session is not None:  # another start_ice won the race: replace it
             await self._close_session(link)
@@ -769,6 +789,7 @@ class GroupLinks:
         link.result = result
         link.reason = ""
         link.controlling = initiate
+        self._apply_checksums(link)
         if initiate:
             self._kick(link)
         else:
@@ -870,6 +891,13 @@ class GroupLinks:
                 return
         self.io.discard(direct)
 
+    def _apply_checksums(self, link: _Link) -> bool:
+        """Give the Device peer the checksums its link agreed on; whether partial ones are in
+        effect now (never without offloads here)."""
+        if self.device.peer(link.public_key) is None:
+            return False
+        return self.device.set_partial_checksums(link.public_key, link.partial_checksums)
+
     def _kick(self, link: _Link) -> None:
         """Push a keepalive through the Device: with no session it starts the handshake."""
         if not self._started or self._stopped:
@@ -950,6 +978,7 @@ class GroupLinks:
             "transport": None,
             "local_port": None,
             "keepalive": link.keepalive,
+            "checksums": "full",  # the Device's row says "partial" when they are in effect
             "allowed_ips": list(link.allowed_ips),
             "ice": link.session.stats() if link.session is not None else None,
         }
