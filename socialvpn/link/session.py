@@ -88,6 +88,12 @@ class ReplayWindow:
         ring = self._ring
         index = counter >> _WORD_SHIFT
         last = self._last
+        if counter > last and index == last >> _WORD_SHIFT:
+            # The common case, the next counter in the same word: its bit cannot be set yet
+            # (a word is cleared when the window moves into it).
+            self._last = counter
+            ring[index & _RING_MASK] |= 1 << (counter & _BIT_MASK)
+            return True
         if counter > last:
             current = last >> _WORD_SHIFT
             diff = index - current
@@ -284,6 +290,10 @@ def inner_length(plaintext: Buffer) -> int:
     by the IP header). 0 for a keepalive; ProtocolError ``malformed`` for anything that is not a
     whole IPv4/IPv6 packet."""
     size = len(plaintext)
+    if size >= 20 and plaintext[0] >> 4 == 4:  # the common case first, without slices
+        length = (plaintext[2] << 8) | plaintext[3]
+        if 20 <= length <= size:
+            return length
     if size == 0:
         return 0
     version = plaintext[0] >> 4
