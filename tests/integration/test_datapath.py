@@ -1,7 +1,13 @@
 """Issue 7, acceptance 3: both packet paths (offload and per-packet), against themselves and
 against a stock wireguard-go, carry inner IPv4 and IPv6, TCP and UDP payloads intact — checked
 with SHA-256 end to end — and no receiving kernel drops anything for a bad checksum (its
-/proc/net/snmp and /proc/net/snmp6 counters do not move).
+/proc/net/snmp and /proc/net/snmp6 counters do not move). Between two of our offload peers
+both checksum modes run (partial, the default two agents negotiate, and full), and the link
+stats say which one did.
+
+Routed on: with partial checksums the receiving peer's kernel must complete the checksum of
+what it forwards; a third namespace behind it (no offloads on that hop: it verifies every
+packet) proves it, and a control shows that it would notice if not.
 
 Sockets are made inside the namespaces by this process (``Netns.socket``); the links run as
 their own processes. UDP goes lock-step (a burst, then wait for it) so nothing is lost for
@@ -23,7 +29,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.kit.links import KeyPair, LinkPeer, OurLink, WgGoLink, ping, veth_hosts
+from tests.kit.links import (
+    KeyPair,
+    LinkPeer,
+    OurLink,
+    WgGoLink,
+    ping,
+    set_link_features,
+    veth_hosts,
+)
 from tests.kit.netns import NetLab, Netns
 
 pytestmark = pytest.mark.integration
@@ -77,19 +91,25 @@ def made() -> Iterator[list]:
             part.stop()
 
 
-def _pair(lab: NetLab, tmp: Path, made: list, *, offloads: bool, peer: str) -> Pair:
+def _pair(lab: NetLab, tmp: Path, made: list, *, offloads: bool, peer: str,
+          partial: bool = False) -> Pair:
+    """a (our link) and b (``peer``: "ours" or "wireguard-go") over a veth. ``partial``:
+    the two ask for partial checksums (only ours with ours; in effect only with offloads)."""
+    assert not (partial and peer != "ours"), "a stock WireGuard peer gets full checksums"
     a, b = veth_hosts(lab)
     ka, kb = KeyPair.generate(), KeyPair.generate()
     allowed_a = [f"{IPS[4][0]}/32", f"{IPS[6][0]}/128"]
     allowed_b = [f"{IPS[4][1]}/32", f"{IPS[6][1]}/128"]
     la = OurLink(a, tmp, ka, f"{IPS[4][0]}/24", port=51821, offloads=offloads,
                  extra_addresses=[f"{IPS[6][0]}/64"],
-                 peers=[LinkPeer(kb.public, allowed_b, "10.0.0.2:51822")])
+                 peers=[LinkPeer(kb.public, allowed_b, "10.0.0.2:51822",
+                                 partial_checksums=partial)])
     lb: OurLink | WgGoLink
     if peer == "ours":
         lb = OurLink(b, tmp, kb, f"{IPS[4][1]}/24", port=51822, offloads=offloads,
                      extra_addresses=[f"{IPS[6][1]}/64"],
-                     peers=[LinkPeer(ka.public, allowed_a, "10.0.0.1:51821")])
+                     peers=[LinkPeer(ka.public, allowed_a, "10.0.0.1:51821",
+                                     partial_checksums=partial)])
     else:
         lb = WgGoLink(b, tmp, kb, f"{IPS[4][1]}/24", port=51822,
                       extra_addresses=[f"{IPS[6][1]}/64"],
@@ -99,10 +119,14 @@ def _pair(lab: NetLab, tmp: Path, made: list, *, offloads: bool, peer: str) -> P
     la.start()
     ours = [la] + ([lb] if isinstance(lb, OurLink) else [])
     for ns, target in ((a, IPS[4][1]), (a, IPS[6][1]), (b, IPS[4][0]), (b, IPS[6][0])):
-        deadline = time.monotonic() + 15
-        while ping(ns, target, count=1, timeout=1.0).returncode != 0:
-            assert time.monotonic() < deadline, f"{ns.name} cannot reach {target}"
+        wait_ping(ns, target)
     return Pair(a, b, ours)
+
+
+def wait_ping(ns: Netns, target: str, seconds: float = 15.0) -> None:
+    deadline = time.monotonic() + seconds
+    while ping(ns, target, count=1, timeout=1.0).returncode != 0:
+        assert time.monotonic() < deadline, f"{ns.name} cannot reach {target}"
 
 
 def tcp_transfer(src: Netns, dst: Netns, dst_ip: str, fam: int, data: bytes,
@@ -196,6 +220,38 @@ def udp_transfer(src: Netns, dst: Netns, dst_ip: str, fam: int, *, gso: bool = F
     return sent, received
 
 
+SO_NO_CHECK = 11  # asm-generic/socket.h: send UDP over IPv4 without a checksum (0)
+
+
+def udp_each(src: Netns, dst: Netns, dst_ip: str, fam: int, sizes: list[int], *,
+             port: int, no_check: bool = False) -> tuple[list[bytes], dict[int, bytes]]:
+    """One datagram at a time, each waited for (up to a second): sizes over the MTU are
+    fragmented by the sending kernel; ``no_check`` (IPv4): sent with checksum 0."""
+    rx = dst.socket(FAMILY[fam], socket.SOCK_DGRAM)
+    tx = src.socket(FAMILY[fam], socket.SOCK_DGRAM)
+    sent: list[bytes] = []
+    received: dict[int, bytes] = {}
+    try:
+        rx.bind((dst_ip, port))
+        rx.settimeout(0.2)
+        if no_check:
+            tx.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)
+        tx.connect((dst_ip, port))
+        for i, size in enumerate(sizes):
+            payload = struct.pack("!I", i) + os.urandom(size - 4)
+            sent.append(payload)
+            tx.send(payload)
+            deadline = time.monotonic() + 1.0
+            while i not in received and time.monotonic() < deadline:
+                with contextlib.suppress(TimeoutError):
+                    data = rx.recv(65536)
+                    received[struct.unpack("!I", data[:4])[0]] = data
+    finally:
+        tx.close()
+        rx.close()
+    return sent, received
+
+
 def _check_udp(sent: list[bytes], received: dict[int, bytes], what: str) -> None:
     missing = [i for i in range(len(sent)) if i not in received]
     sizes = sorted({len(sent[i]) for i in missing})
@@ -232,8 +288,9 @@ def _run_all(pair: Pair, offloads: bool) -> None:
         assert not moved, f"{name}: the kernel dropped packets for bad checksums: {moved}"
 
 
-def _check_path(pair: Pair, offloads: bool) -> None:
-    """Which path runs: the TUN's offloads, and ``datapath`` where the device reports it."""
+def _check_path(pair: Pair, offloads: bool, checksums: str) -> None:
+    """Which path runs: the TUN's offloads, ``datapath`` where the device reports it, and the
+    checksum mode with the peer ("partial" or "full")."""
     for link in pair.ours:
         stats = link.stats()
         assert stats["tun"]["offloads"] is offloads, stats["tun"]
@@ -241,18 +298,172 @@ def _check_path(pair: Pair, offloads: bool) -> None:
             assert stats["datapath"] == ("offload" if offloads else "per-packet"), stats
         if offloads:  # the offload machinery really ran (super-packets in, merged writes out)
             assert stats["tun"]["super_reads"] > 0 or stats["tun"]["merged_writes"] > 0, stats
+        assert [p["checksums"] for p in stats["peers"]] == [checksums], stats["peers"]
 
 
-PATHS = {"offload": True, "per-packet": False}
+# path, peer -> (offloads, ask for partial checksums, the mode that must be in effect)
+CASES = {
+    ("offload", "ours"): (True, True, "partial"),
+    ("offload", "ours-full"): (True, False, "full"),
+    ("offload", "wireguard-go"): (True, False, "full"),
+    # Asked for, partial checksums are never in effect without offloads.
+    ("per-packet", "ours"): (False, True, "full"),
+    ("per-packet", "wireguard-go"): (False, False, "full"),
+}
 
 
-@pytest.mark.parametrize("peer", ["ours", "wireguard-go"])
-@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize(("path", "peer"), list(CASES), ids=[f"{p}-{q}" for p, q in CASES])
 def test_payloads_arrive_intact(netns_factory: NetLab, tmp_path: Path, made: list,
                                 path: str, peer: str) -> None:
-    offloads = PATHS[path]
-    pair = _pair(netns_factory, tmp_path, made, offloads=offloads, peer=peer)
+    offloads, partial, checksums = CASES[path, peer]
+    pair = _pair(netns_factory, tmp_path, made, offloads=offloads,
+                 peer="wireguard-go" if peer == "wireguard-go" else "ours", partial=partial)
     _run_all(pair, offloads)
-    _check_path(pair, offloads)
+    _check_path(pair, offloads, checksums)
     for link in pair.ours:
         assert link.proc is not None and link.proc.poll() is None, link.log_tail()
+
+
+# --- routed on: the kernel of the receiving peer completes partial checksums ----------------
+
+FWD_IPS = {4: ("10.20.0.1", "10.20.0.2"), 6: ("fd00:20::1", "fd00:20::2")}  # b, c
+FWD_NETS = {4: "10.20.0.0/24", 6: "fd00:20::/64"}
+FWD_TCP_PORT, FWD_UDP_PORT = 5101, 5102
+FRAGMENTED = [1400, 2000, 2999, 5000, 9001, 20000] * 3  # UDP payload sizes over the MTU
+NO_CHECK = [5, 100, 1000, 1300, 1352] * 4
+# The TX checksum offload of b's veth to c: off, the kernel of b must complete every partial
+# checksum itself before the packet leaves (skb_checksum_help, software GSO) and c verifies
+# what arrives; on, partial packets cross to c as they are (c accepts them unverified) and
+# c's TCP hands b super-packets with partial checksums for the way back.
+VETH_CSUM = ["tx-checksum-ip-generic"]
+
+
+@dataclass
+class Routed:
+    a: Netns  # our link to b
+    b: Netns  # our link to a, routes between the overlay and c (ip_forward=1)
+    c: Netns  # behind b on a plain veth, no link of its own
+    ours: list[OurLink]
+
+
+def _routed(lab: NetLab, tmp: Path, made: list, *, partial: tuple[bool, bool],
+            veth_offload: bool) -> Routed:
+    """a —(our link over a veth)— b —(plain veth)— c; a's peer entry for b allows c's
+    subnets, c routes the overlay back via b. ``partial``: a's and b's setting for the
+    other."""
+    a, b = veth_hosts(lab)
+    c = lab.netns("c")
+    lab.veth(b, c, mtu=INNER_MTU)
+    for fam in (4, 6):
+        plen = 24 if fam == 4 else 64
+        b.ip("addr", "add", f"{FWD_IPS[fam][0]}/{plen}", "dev", "v-c", "nodad")
+        c.ip("addr", "add", f"{FWD_IPS[fam][1]}/{plen}", "dev", "v-b", "nodad")
+    c.ip("route", "add", "10.9.0.0/24", "via", FWD_IPS[4][0])
+    c.ip("-6", "route", "add", "fd00:9::/64", "via", FWD_IPS[6][0])
+    if not veth_offload:
+        for ns, ifname in ((b, "v-c"), (c, "v-b")):
+            now = set_link_features(ns, ifname, dict.fromkeys(VETH_CSUM, False))
+            assert not any(now.values()), now
+    ka, kb = KeyPair.generate(), KeyPair.generate()
+    la = OurLink(a, tmp, ka, f"{IPS[4][0]}/24", port=51821, offloads=True,
+                 extra_addresses=[f"{IPS[6][0]}/64"],
+                 peers=[LinkPeer(kb.public, [f"{IPS[4][1]}/32", f"{IPS[6][1]}/128",
+                                             FWD_NETS[4], FWD_NETS[6]],
+                                 "10.0.0.2:51822", partial_checksums=partial[0])])
+    lb = OurLink(b, tmp, kb, f"{IPS[4][1]}/24", port=51822, offloads=True,
+                 extra_addresses=[f"{IPS[6][1]}/64"],
+                 peers=[LinkPeer(ka.public, [f"{IPS[4][0]}/32", f"{IPS[6][0]}/128"],
+                                 "10.0.0.1:51821", partial_checksums=partial[1])])
+    made += [la, lb]
+    lb.start()
+    la.start()
+    a.ip("route", "add", FWD_NETS[4], "dev", la.tun)
+    a.ip("-6", "route", "add", FWD_NETS[6], "dev", la.tun)
+    b.enable_forwarding()
+    for ns, target in ((a, FWD_IPS[4][1]), (a, FWD_IPS[6][1]), (c, IPS[4][0]),
+                       (c, IPS[6][0])):
+        wait_ping(ns, target)
+    return Routed(a, b, c, [la, lb])
+
+
+def _link_bytes(link: OurLink) -> tuple[int, int]:
+    peer = link.stats()["peers"][0]
+    return int(peer["tx_bytes"]), int(peer["rx_bytes"])
+
+
+@pytest.mark.parametrize("veth_offload", [False, True], ids=["b-completes", "veth-offload"])
+def test_routed_partial_checksums_are_completed(netns_factory: NetLab, tmp_path: Path,
+                                                made: list, veth_offload: bool) -> None:
+    """TCP and UDP, IPv4 and IPv6, a→c and c→a through b: everything arrives intact and
+    neither end's kernel counts a bad checksum - b completes the partial checksums of what it
+    routes on (with ``b-completes``, c verifies every packet it gets)."""
+    net = _routed(netns_factory, tmp_path, made, partial=(True, True),
+                  veth_offload=veth_offload)
+    data = os.urandom(TCP_BYTES)
+    want = hashlib.sha256(data).hexdigest()
+    before = {ns.short: csum_counters(ns) for ns in (net.a, net.b, net.c)}
+    bytes_before = _link_bytes(net.ours[0])
+    for fam in (4, 6):
+        ways = (("a", net.a, net.c, FWD_IPS[fam][1]), ("c", net.c, net.a, IPS[fam][0]))
+        for src_name, src, dst, dst_ip in ways:
+            what = f"IPv{fam} {src_name}->{'c' if src_name == 'a' else 'a'}"
+            digest, count = tcp_transfer(src, dst, dst_ip, fam, data, port=FWD_TCP_PORT)
+            assert (count, digest) == (len(data), want), f"TCP {what}: bytes or hash differ"
+            sent, received = udp_transfer(src, dst, dst_ip, fam, port=FWD_UDP_PORT)
+            _check_udp(sent, received, f"UDP {what}")
+            sent, received = udp_transfer(src, dst, dst_ip, fam, gso=True, port=FWD_UDP_PORT)
+            _check_udp(sent, received, f"UDP GSO {what}")
+            # Fragments (not plain: they cross with their full checksums, left alone).
+            sent, received = udp_each(src, dst, dst_ip, fam, FRAGMENTED, port=FWD_UDP_PORT)
+            _check_udp(sent, received, f"UDP fragmented {what}")
+            if fam == 4:  # no checksum at all: stays 0 (and b does not make one up)
+                sent, received = udp_each(src, dst, dst_ip, fam, NO_CHECK, port=FWD_UDP_PORT,
+                                          no_check=True)
+                _check_udp(sent, received, f"UDP without checksum {what}")
+    after = {ns.short: csum_counters(ns) for ns in (net.a, net.b, net.c)}
+    for name, counters in after.items():
+        moved = {k: v - before[name][k] for k, v in counters.items() if v != before[name][k]}
+        assert not moved, f"{name}: the kernel dropped packets for bad checksums: {moved}"
+    tx, rx = (now - then for now, then in zip(_link_bytes(net.ours[0]), bytes_before,
+                                               strict=True))
+    assert min(tx, rx) > 2 * TCP_BYTES, (tx, rx)  # both ways went over the link
+    for link in net.ours:
+        stats = link.stats()
+        assert [p["checksums"] for p in stats["peers"]] == ["partial"], stats["peers"]
+        assert stats["tun"]["dropped_writes"] == 0, stats["tun"]
+        assert link.proc is not None and link.proc.poll() is None, link.log_tail()
+
+
+def test_routed_check_sees_checksums_left_partial(netns_factory: NetLab, tmp_path: Path,
+                                                  made: list) -> None:
+    """The control for the test above: c really verifies what b routes on. With a in partial
+    mode and b not (a configuration the negotiation must never produce), b writes a's
+    partial-form datagrams without NEEDS_CSUM, routes them on with the pseudo-header sum as
+    their checksum, and c drops and counts every one."""
+    net = _routed(netns_factory, tmp_path, made, partial=(True, False), veth_offload=False)
+    count = 20
+    for fam, key in ((4, "UdpInCsumErrors"), (6, "Udp6InCsumErrors")):
+        before = csum_counters(net.c)
+        rx = net.c.socket(FAMILY[fam], socket.SOCK_DGRAM)
+        tx = net.a.socket(FAMILY[fam], socket.SOCK_DGRAM)
+        got = 0
+        try:
+            rx.bind((FWD_IPS[fam][1], FWD_UDP_PORT))
+            rx.settimeout(0.5)
+            for i in range(count):
+                tx.sendto(struct.pack("!I", i) + os.urandom(100 + i),
+                          (FWD_IPS[fam][1], FWD_UDP_PORT))
+            with contextlib.suppress(TimeoutError):
+                for _ in range(count):
+                    rx.recv(2048)
+                    got += 1
+        finally:
+            tx.close()
+            rx.close()
+        deadline = time.monotonic() + 3
+        while csum_counters(net.c)[key] - before[key] < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        moved = csum_counters(net.c)[key] - before[key]
+        assert (got, moved) == (0, count), f"IPv{fam}: received {got}, {key} +{moved}"
+    assert [p["checksums"] for p in net.ours[0].stats()["peers"]] == ["partial"]
+    assert [p["checksums"] for p in net.ours[1].stats()["peers"]] == ["full"]

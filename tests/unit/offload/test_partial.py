@@ -282,6 +282,26 @@ def test_tso_split_partial_property(v6: bool, mss: int, size: int, options: bool
               flags=flags)
 
 
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+@pytest.mark.parametrize(("size", "total"), [(1, 5), (200, 4001), (1000, 1000), (1331, 13311),
+                                             (1352, 64000)])
+def test_uso_split_in_partial_form_completes_to_the_full_split(v6: bool, size: int,
+                                                               total: int) -> None:
+    """UDP super-packets (USO) cut into datagrams in partial form: each completes to the
+    datagram of the full-checksum split."""
+    payload = bytes((i * 29 + 3) & 0xFF for i in range(total))
+    packet = udp_packet(payload, v6=v6, csum="partial")
+    ihl = 40 if v6 else 20
+    frame = VNET_HDR.pack(F_NEEDS_CSUM, offload.GSO_UDP_L4, ihl + 8, size, ihl, 6) + packet
+    partial = [bytes(p) for p in split(frame, partial=True)]
+    full = [bytes(p) for p in split(frame)]
+    assert len(partial) == len(full) == -(-total // size)
+    for i, (datagram, want) in enumerate(zip(partial, full, strict=True)):
+        assert l4_valid(want), i
+        assert check_partial_form(datagram) == want, i
+    assert b"".join(d[ihl + 8 :] for d in partial) == payload
+
+
 # --- single packets: the kernel's NEEDS_CSUM, full checksums ---------------------------------
 
 PLAIN = {
