@@ -61,7 +61,7 @@ from .transport import DatagramIO, SockAddr, display, host_of
 log = logging.getLogger("socialvpn.link")
 
 Buffer = bytes | bytearray | memoryview
-_U32LE = struct.Struct("<I")
+_TYPE_RECEIVER = struct.Struct("<II")
 
 MAX_STAGED_PACKETS = 128  # packets held per peer while a handshake is under way (wireguard-go)
 TIMER_TICK = 0.05  # the timer thread's resolution, seconds
@@ -601,13 +601,16 @@ class Device:
         last_receiver = -1
         entry: tuple[Peer, Session | None] | None = None
         data = view[:n]
+        unpack = _TYPE_RECEIVER.unpack_from
         for offset in range(0, n, segment):
             message = data[offset : offset + segment]
-            if (len(message) < MESSAGE_TRANSPORT_SIZE or message[0] != 4
-                    or message[1] | message[2] | message[3]):
+            if len(message) < MESSAGE_TRANSPORT_SIZE:
                 self._dispatch_other(message, addr)
                 continue
-            receiver = _U32LE.unpack_from(message, 4)[0]
+            kind, receiver = unpack(message)  # type 4 with its three reserved zero bytes
+            if kind != 4:
+                self._dispatch_other(message, addr)
+                continue
             if receiver != last_receiver:
                 last_receiver = receiver
                 entry = index.get(receiver)
