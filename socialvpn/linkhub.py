@@ -499,7 +499,8 @@ class LinkHub:
 
     def summary(self) -> dict[str, Any]:
         """For ``status``: per group the data path (``offload``/``per-packet``), the UDP
-        offloads in use and each peer's transport; whether the network monitor runs."""
+        offloads in use, each peer's transport and checksums (``partial``: negotiated with
+        that peer, see the module doc; else ``full``); whether the network monitor runs."""
         out: dict[str, Any] = {}
         for gid, links in self.groups.items():
             doc = self.agent.book.doc(gid) if gid in self.agent.book.groups else None
@@ -508,6 +509,8 @@ class LinkHub:
                 "datapath": links.datapath(),
                 "udp": {"gso": bool(udp.get("gso")), "gro": bool(udp.get("gro"))},
                 "transports": {p: links.peer_stats(p).get("transport") for p in links.peers()},
+                "checksums": {p: links.peer_stats(p).get("checksums") or "full"
+                              for p in links.peers()},
             }
         return {"enabled": self.enabled, "monitor": self.monitor is not None,
                 "network_changes": self.network_changes, "groups": out}
