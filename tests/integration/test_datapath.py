@@ -7,7 +7,9 @@ stats say which one did.
 
 Routed on: with partial checksums the receiving peer's kernel must complete the checksum of
 what it forwards; a third namespace behind it (no offloads on that hop: it verifies every
-packet) proves it, and a control shows that it would notice if not.
+packet) proves it, and a control shows that it would notice if not. Relayed: a peer that
+routes between two peers through its one TUN device hands a stock WireGuard peer full
+checksums and one of ours partial ones.
 
 Sockets are made inside the namespaces by this process (``Netns.socket``); the links run as
 their own processes. UDP goes lock-step (a burst, then wait for it) so nothing is lost for
@@ -16,6 +18,7 @@ want of buffer space: every datagram must arrive.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import os
@@ -467,3 +470,84 @@ def test_routed_check_sees_checksums_left_partial(netns_factory: NetLab, tmp_pat
         assert (got, moved) == (0, count), f"IPv{fam}: received {got}, {key} +{moved}"
     assert [p["checksums"] for p in net.ours[0].stats()["peers"]] == ["partial"]
     assert [p["checksums"] for p in net.ours[1].stats()["peers"]] == ["full"]
+
+
+# --- relayed: in and out of the same TUN device on b -----------------------------------------
+
+HUB_IPS = {4: ("10.9.0.1", "10.9.0.2", "10.9.0.3"), 6: ("fd00:9::1", "fd00:9::2", "fd00:9::3")}
+
+
+def _checksums_by_key(link: OurLink) -> dict[str, str]:
+    return {p["public_key"]: p["checksums"] for p in link.stats()["peers"]}
+
+
+@pytest.mark.parametrize("far", ["wireguard-go", "ours"])
+def test_relayed_through_one_tun(netns_factory: NetLab, tmp_path: Path, made: list,
+                                 far: str) -> None:
+    """a —(ours, partial)— b —(d: wireguard-go, full; or ours, partial)— d, b relaying
+    between its two peers through its one TUN device (ip_forward=1): what a sends in partial
+    form leaves b for wireguard-go fully checksummed (b completes what its kernel hands back
+    partial) and for one of ours still partial; everything arrives intact, no kernel on the
+    way drops a packet for a bad checksum."""
+    lab = netns_factory
+    a, b = veth_hosts(lab)
+    d = lab.netns("d")
+    lab.veth(b, d, a_addr="10.0.1.1/24", b_addr="10.0.1.2/24")
+    ka, kb, kd = KeyPair.generate(), KeyPair.generate(), KeyPair.generate()
+    ours_far = far == "ours"
+    ip = {name: {fam: HUB_IPS[fam][i] for fam in (4, 6)} for i, name in enumerate("abd")}
+
+    def hosts(*names: str) -> list[str]:
+        return [f"{ip[n][4]}/32" for n in names] + [f"{ip[n][6]}/128" for n in names]
+
+    la = OurLink(a, tmp_path, ka, f"{ip['a'][4]}/24", port=51821,
+                 extra_addresses=[f"{ip['a'][6]}/64"],
+                 peers=[LinkPeer(kb.public, hosts("b", "d"), "10.0.0.2:51822",
+                                 partial_checksums=True)])
+    lb = OurLink(b, tmp_path, kb, f"{ip['b'][4]}/24", port=51822,
+                 extra_addresses=[f"{ip['b'][6]}/64"],
+                 peers=[LinkPeer(ka.public, hosts("a"), "10.0.0.1:51821",
+                                 partial_checksums=True),
+                        LinkPeer(kd.public, hosts("d"), "10.0.1.2:51823",
+                                 partial_checksums=ours_far)])
+    far_peers = [LinkPeer(kb.public, hosts("a", "b"), "10.0.1.1:51822",
+                          partial_checksums=ours_far)]
+    ld: OurLink | WgGoLink
+    if ours_far:
+        ld = OurLink(d, tmp_path, kd, f"{ip['d'][4]}/24", port=51823,
+                     extra_addresses=[f"{ip['d'][6]}/64"], peers=far_peers)
+    else:
+        ld = WgGoLink(d, tmp_path, kd, f"{ip['d'][4]}/24", port=51823,
+                      extra_addresses=[f"{ip['d'][6]}/64"], peers=far_peers)
+    made += [la, lb, ld]
+    for link in (lb, la, ld):
+        link.start()
+    b.enable_forwarding()
+    b.sysctl("net.ipv4.conf.all.send_redirects", 0)
+    b.sysctl(f"net.ipv4.conf.{lb.tun}.send_redirects", 0)
+    for ns, target in ((a, ip["d"][4]), (a, ip["d"][6]), (d, ip["a"][4]), (d, ip["a"][6])):
+        wait_ping(ns, target)
+    data = os.urandom(TCP_BYTES)
+    want = hashlib.sha256(data).hexdigest()
+    before = {ns.short: csum_counters(ns) for ns in (a, b, d)}
+    for fam in (4, 6):
+        for src_name, src, dst, dst_ip in (("a", a, d, ip["d"][fam]), ("d", d, a, ip["a"][fam])):
+            what = f"IPv{fam} {src_name}->{'d' if src_name == 'a' else 'a'}"
+            digest, count = tcp_transfer(src, dst, dst_ip, fam, data, port=FWD_TCP_PORT)
+            assert (count, digest) == (len(data), want), f"TCP {what}: bytes or hash differ"
+            sent, received = udp_transfer(src, dst, dst_ip, fam, port=FWD_UDP_PORT)
+            _check_udp(sent, received, f"UDP {what}")
+            if src is a or ours_far:  # an application's UDP GSO, from an offload side
+                sent, received = udp_transfer(src, dst, dst_ip, fam, gso=True,
+                                              port=FWD_UDP_PORT)
+                _check_udp(sent, received, f"UDP GSO {what}")
+    after = {ns.short: csum_counters(ns) for ns in (a, b, d)}
+    for name, counters in after.items():
+        moved = {k: v - before[name][k] for k, v in counters.items() if v != before[name][k]}
+        assert not moved, f"{name}: the kernel dropped packets for bad checksums: {moved}"
+    hexkey = {name: base64.b64decode(k.public).hex() for name, k in (("a", ka), ("d", kd))}
+    far_mode = "partial" if ours_far else "full"
+    assert _checksums_by_key(lb) == {hexkey["a"]: "partial", hexkey["d"]: far_mode}
+    assert list(_checksums_by_key(la).values()) == ["partial"]
+    for link in (la, lb) + ((ld,) if isinstance(ld, OurLink) else ()):
+        assert link.proc is not None and link.proc.poll() is None, link.log_tail()
