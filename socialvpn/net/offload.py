@@ -335,18 +335,50 @@ def _tso_segments(frame: memoryview, mss: int, partial: bool = False) -> Iterato
     first_flags = flags0 & ~(TCP_FIN | TCP_PSH)
     mid_flags = first_flags & ~TCP_CWR
     payload0 = base + hdr_len
+    # The full-size segments between the first and the last differ only in sequence number
+    # (and IPv4 identification and header checksum): a template with their flags, lengths and
+    # (partial) TCP checksum leaves three fields to write per segment.
+    full_len = hdr_len - ihl + mss
+    middle = bytearray(template)
+    middle[flags_at] = mid_flags
+    if version == 4:
+        pack16(middle, 2, ihl + full_len)
+        mid_ip_sum = ip_sum + ihl + full_len
+    else:
+        pack16(middle, 4, full_len)
+        mid_ip_sum = 0
+    if partial:
+        pack16(middle, csum_at, _fold(pseudo + full_len))
     off = 0
     index = 0
     while True:
         start = payload0 + off - hdr_len  # where this segment's headers go
         seg_end = min(start + hdr_len + mss, end)
         last = seg_end >= end
-        if index:
-            frame[start : start + hdr_len] = template
+        if index and not last:
+            frame[start : start + hdr_len] = middle
             pack32(frame, start + seq_at, (seq0 + off) & 0xFFFFFFFF)
-            flags = (flags0 & ~TCP_CWR) if last else mid_flags
+            if version == 4:
+                ident = (ident0 + index) & 0xFFFF
+                pack16(frame, start + 4, ident)
+                value = mid_ip_sum + ident  # < 2^18: two folds are enough
+                value = (value & 0xFFFF) + (value >> 16)
+                value = (value & 0xFFFF) + (value >> 16)
+                pack16(frame, start + 10, ~value & 0xFFFF)
+            if not partial:
+                value = _sum16(frame[start + tcp_off : seg_end]) + pseudo + full_len
+                value = (value & 0xFFFF) + (value >> 16)
+                value = (value & 0xFFFF) + (value >> 16)
+                pack16(frame, start + csum_at, ~value & 0xFFFF)
+            yield frame[start:seg_end]
+            off += mss
+            index += 1
+            continue
+        frame[start : start + hdr_len] = template  # checksums and lengths cleared
+        if index:
+            pack32(frame, start + seq_at, (seq0 + off) & 0xFFFFFFFF)
+            flags = flags0 & ~TCP_CWR  # the last segment (FIN, PSH as the super-packet's)
         else:
-            frame[start : start + hdr_len] = template  # checksums and lengths cleared
             flags = flags0 if last else first_flags
         frame[start + flags_at] = flags
         tcp_len = seg_end - start - ihl
@@ -361,10 +393,7 @@ def _tso_segments(frame: memoryview, mss: int, partial: bool = False) -> Iterato
         else:
             pack16(frame, start + 4, tcp_len)
         if partial:
-            value = pseudo + tcp_len  # < 2^18
-            value = (value & 0xFFFF) + (value >> 16)
-            value = (value & 0xFFFF) + (value >> 16)
-            pack16(frame, start + csum_at, value)
+            pack16(frame, start + csum_at, _fold(pseudo + tcp_len))
         else:
             value = _sum16(frame[start + tcp_off : seg_end]) + pseudo + tcp_len  # < 2^18
             value = (value & 0xFFFF) + (value >> 16)
