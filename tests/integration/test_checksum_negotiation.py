@@ -7,6 +7,8 @@ carries ``features="csum-partial"`` both ways, so both ``peers --json`` rows (an
 --json``) say ``"checksums": "partial"``. Then a ping and a 1 MB TCP echo over IPv4 and over
 IPv6 cross with the SHA-256 compared, and neither namespace's kernel counted a TCP or UDP
 checksum error (a side writing partial-form packets without NEEDS_CSUM would make it count).
+Then bob restarts (a fresh process has full checksums): the new session negotiates them again
+and the transfers still cross.
 """
 
 from __future__ import annotations
@@ -154,3 +156,17 @@ def test_two_agents_negotiate_partial_checksums_and_carry_tcp(
         for a, b in ((alice, "bob"), (bob, "alice")):
             row = _peer(a, b)
             assert row and row["checksums"] == "partial", row
+
+        # bob restarts: a fresh process starts with full checksums, and its new session (a
+        # new offer to alice, who takes it for a restart) negotiates them again.
+        bob.stop()
+        bob.start()
+        bob.wait_connected(timeout=20)
+        for a, b in ((alice, "bob"), (bob, "alice")):
+            wait_for(lambda a=a, b=b: (row := _peer(a, b)) and row.get("state") == "up"
+                     and row.get("checksums") == "partial", 45,
+                     f"{a.user} -> {b} partial again after bob's restart", _diag(alice, bob))
+        _echo(bob_site, alice_site, IPS["bob"])
+        _echo(alice_site, bob_site, rows["bob"]["ip6"])
+        print(f"checksum errors over bob's restart: {after} -> "
+              f"{ {'alice': _csum_errors(alice_site), 'bob': _csum_errors(bob_site)} }")
