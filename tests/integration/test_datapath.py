@@ -173,6 +173,73 @@ def tcp_transfer(src: Netns, dst: Netns, dst_ip: str, fam: int, data: bytes,
     return str(got["hash"]), int(got["bytes"])  # type: ignore[call-overload]
 
 
+def tcp_pull(client: Netns, server: Netns, server_ip: str, fam: int, data: bytes,
+             port: int) -> tuple[str, int]:
+    """``client`` connects to ``server``, which sends ``data`` (a download through a NAT that
+    only lets the client open connections); returns the client's (sha256, byte count)."""
+    listener = server.socket(FAMILY[fam], socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((server_ip, port))
+    listener.listen(1)
+    listener.settimeout(15)
+    errors: list[OSError] = []
+
+    def serve() -> None:
+        try:
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(15)
+                conn.sendall(data)
+        except OSError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    digest = hashlib.sha256()
+    total = 0
+    client_sock = client.socket(FAMILY[fam], socket.SOCK_STREAM)
+    try:
+        client_sock.settimeout(15)
+        client_sock.connect((server_ip, port))
+        while chunk := client_sock.recv(1 << 16):
+            digest.update(chunk)
+            total += len(chunk)
+        thread.join(30)
+    finally:
+        client_sock.close()
+        listener.close()
+    assert not thread.is_alive() and not errors, errors
+    return digest.hexdigest(), total
+
+
+def udp_echo(client: Netns, server: Netns, server_ip: str, fam: int, sizes: list[int], *,
+             port: int) -> tuple[list[bytes], dict[int, bytes]]:
+    """``client`` sends each datagram to ``server``, which sends it back to where it came
+    from (through a NAT: the address it was mapped to); returns (sent, echoed back by id)."""
+    rx = server.socket(FAMILY[fam], socket.SOCK_DGRAM)
+    tx = client.socket(FAMILY[fam], socket.SOCK_DGRAM)
+    sent: list[bytes] = []
+    echoed: dict[int, bytes] = {}
+    try:
+        rx.bind((server_ip, port))
+        rx.settimeout(1.0)
+        tx.settimeout(1.0)
+        tx.connect((server_ip, port))
+        for i, size in enumerate(sizes):
+            payload = struct.pack("!I", i) + os.urandom(size - 4)
+            sent.append(payload)
+            tx.send(payload)
+            with contextlib.suppress(TimeoutError):
+                data, addr = rx.recvfrom(65536)
+                rx.sendto(data, addr)
+                back = tx.recv(65536)
+                echoed[struct.unpack("!I", back[:4])[0]] = back
+    finally:
+        tx.close()
+        rx.close()
+    return sent, echoed
+
+
 def _udp_max(fam: int) -> int:
     return INNER_MTU - (20 if fam == 4 else 40) - 8
 
@@ -339,6 +406,14 @@ NO_CHECK = [5, 100, 1000, 1300, 1352] * 4
 # what arrives; on, partial packets cross to c as they are (c accepts them unverified) and
 # c's TCP hands b super-packets with partial checksums for the way back.
 VETH_CSUM = ["tx-checksum-ip-generic"]
+MASQUERADE = """
+table inet svpn_exit {
+    chain postrouting {
+        type nat hook postrouting priority srcnat; policy accept;
+        oifname "v-c" masquerade random
+    }
+}
+"""
 
 
 @dataclass
@@ -350,10 +425,11 @@ class Routed:
 
 
 def _routed(lab: NetLab, tmp: Path, made: list, *, partial: tuple[bool, bool],
-            veth_offload: bool) -> Routed:
+            veth_offload: bool, nat: bool = False) -> Routed:
     """a —(our link over a veth)— b —(plain veth)— c; a's peer entry for b allows c's
-    subnets, c routes the overlay back via b. ``partial``: a's and b's setting for the
-    other."""
+    subnets, c routes the overlay back via b - or, with ``nat``, knows nothing of it: b
+    masquerades (random ports) what it routes to c, an exit node. ``partial``: a's and b's
+    setting for the other."""
     a, b = veth_hosts(lab)
     c = lab.netns("c")
     lab.veth(b, c, mtu=INNER_MTU)
@@ -361,8 +437,11 @@ def _routed(lab: NetLab, tmp: Path, made: list, *, partial: tuple[bool, bool],
         plen = 24 if fam == 4 else 64
         b.ip("addr", "add", f"{FWD_IPS[fam][0]}/{plen}", "dev", "v-c", "nodad")
         c.ip("addr", "add", f"{FWD_IPS[fam][1]}/{plen}", "dev", "v-b", "nodad")
-    c.ip("route", "add", "10.9.0.0/24", "via", FWD_IPS[4][0])
-    c.ip("-6", "route", "add", "fd00:9::/64", "via", FWD_IPS[6][0])
+    if nat:
+        b.nft(MASQUERADE)
+    else:
+        c.ip("route", "add", "10.9.0.0/24", "via", FWD_IPS[4][0])
+        c.ip("-6", "route", "add", "fd00:9::/64", "via", FWD_IPS[6][0])
     if not veth_offload:
         for ns, ifname in ((b, "v-c"), (c, "v-b")):
             now = set_link_features(ns, ifname, dict.fromkeys(VETH_CSUM, False))
@@ -383,8 +462,8 @@ def _routed(lab: NetLab, tmp: Path, made: list, *, partial: tuple[bool, bool],
     a.ip("route", "add", FWD_NETS[4], "dev", la.tun)
     a.ip("-6", "route", "add", FWD_NETS[6], "dev", la.tun)
     b.enable_forwarding()
-    for ns, target in ((a, FWD_IPS[4][1]), (a, FWD_IPS[6][1]), (c, IPS[4][0]),
-                       (c, IPS[6][0])):
+    pings = [(a, FWD_IPS[4][1]), (a, FWD_IPS[6][1])]
+    for ns, target in pings + ([] if nat else [(c, IPS[4][0]), (c, IPS[6][0])]):
         wait_ping(ns, target)
     return Routed(a, b, c, [la, lb])
 
@@ -550,4 +629,37 @@ def test_relayed_through_one_tun(netns_factory: NetLab, tmp_path: Path, made: li
     assert _checksums_by_key(lb) == {hexkey["a"]: "partial", hexkey["d"]: far_mode}
     assert list(_checksums_by_key(la).values()) == ["partial"]
     for link in (la, lb) + ((ld,) if isinstance(ld, OurLink) else ()):
+        assert link.proc is not None and link.proc.poll() is None, link.log_tail()
+
+
+@pytest.mark.parametrize("veth_offload", [False, True], ids=["b-completes", "veth-offload"])
+def test_partial_checksums_through_a_nat(netns_factory: NetLab, tmp_path: Path, made: list,
+                                         veth_offload: bool) -> None:
+    """b as an exit node: it masquerades (new source address and random port) what it routes
+    from a to c. NAT rewrites the pseudo-header sum of a partial checksum as it stands (the
+    kernel's own convention, which ours must be): uploads and downloads, TCP and UDP, IPv4
+    and IPv6 arrive intact and no kernel counts a bad checksum."""
+    net = _routed(netns_factory, tmp_path, made, partial=(True, True),
+                  veth_offload=veth_offload, nat=True)
+    data = os.urandom(TCP_BYTES)
+    want = hashlib.sha256(data).hexdigest()
+    before = {ns.short: csum_counters(ns) for ns in (net.a, net.b, net.c)}
+    sizes = [5, 64, 200, 576, 1000, 1200, 1300, 1352, 2000, 4000] * 20
+    for fam in (4, 6):
+        server = FWD_IPS[fam][1]
+        digest, count = tcp_transfer(net.a, net.c, server, fam, data, port=FWD_TCP_PORT)
+        assert (count, digest) == (len(data), want), f"TCP IPv{fam} upload through the NAT"
+        digest, count = tcp_pull(net.a, net.c, server, fam, data, port=FWD_TCP_PORT + 1)
+        assert (count, digest) == (len(data), want), f"TCP IPv{fam} download through the NAT"
+        sent, received = udp_transfer(net.a, net.c, server, fam, port=FWD_UDP_PORT)
+        _check_udp(sent, received, f"UDP IPv{fam} a->c through the NAT")
+        sent, echoed = udp_echo(net.a, net.c, server, fam, sizes, port=FWD_UDP_PORT + 1)
+        _check_udp(sent, echoed, f"UDP IPv{fam} echoed through the NAT")
+    after = {ns.short: csum_counters(ns) for ns in (net.a, net.b, net.c)}
+    for name, counters in after.items():
+        moved = {k: v - before[name][k] for k, v in counters.items() if v != before[name][k]}
+        assert not moved, f"{name}: the kernel dropped packets for bad checksums: {moved}"
+    # c has no route to the overlay: every reply it sent went to b's address, de-NATed there.
+    for link in net.ours:
+        assert [p["checksums"] for p in link.stats()["peers"]] == ["partial"]
         assert link.proc is not None and link.proc.poll() is None, link.log_tail()
