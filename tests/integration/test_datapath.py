@@ -9,7 +9,9 @@ Routed on: with partial checksums the receiving peer's kernel must complete the 
 what it forwards; a third namespace behind it (no offloads on that hop: it verifies every
 packet) proves it, and a control shows that it would notice if not. Relayed: a peer that
 routes between two peers through its one TUN device hands a stock WireGuard peer full
-checksums and one of ours partial ones.
+checksums and one of ours partial ones. Through an exit node's NAT, too. A datagram whose
+checksum was bad before it entered the tunnel must still be dropped by its destination
+(xfail in partial mode: see BAD_CHECKSUM_REASON).
 
 Sockets are made inside the namespaces by this process (``Netns.socket``); the links run as
 their own processes. UDP goes lock-step (a burst, then wait for it) so nothing is lost for
@@ -663,3 +665,52 @@ def test_partial_checksums_through_a_nat(netns_factory: NetLab, tmp_path: Path, 
     for link in net.ours:
         assert [p["checksums"] for p in link.stats()["peers"]] == ["partial"]
         assert link.proc is not None and link.proc.poll() is None, link.log_tail()
+
+
+BAD_CHECKSUM_REASON = (
+    "partial form launders a bad checksum: a UDP datagram that enters a's TUN with a wrong "
+    "checksum and no NEEDS_CSUM (a raw socket here; routed in from a LAN in life) is put in "
+    "partial form without being verified, b's kernel completes a valid checksum over the "
+    "corrupted bytes and c takes it; in full mode c drops it (UdpInCsumErrors +1)")
+
+
+@pytest.mark.parametrize("partial", [
+    False, pytest.param(True, marks=pytest.mark.xfail(strict=True, reason=BAD_CHECKSUM_REASON)),
+], ids=["full", "partial"])
+def test_a_bad_checksum_still_reaches_its_destination_bad(netns_factory: NetLab,
+                                                          tmp_path: Path, made: list,
+                                                          partial: bool) -> None:
+    """What the link did not make it must not mend: a datagram whose UDP checksum is wrong
+    when it enters the tunnel is dropped and counted by its destination, c."""
+    net = _routed(netns_factory, tmp_path, made, partial=(partial, partial),
+                  veth_offload=False)
+    port = FWD_UDP_PORT + 5
+    payload = b"corrupted before the tunnel" * 10
+    udp = bytearray(struct.pack("!HHHH", 40000, port, 8 + len(payload), 0) + payload)
+    src = socket.inet_aton(IPS[4][0])
+    dst = socket.inet_aton(FWD_IPS[4][1])
+    pseudo = src + dst + struct.pack("!BBH", 0, 17, len(udp))
+    total = sum(struct.unpack(f"!{(len(pseudo) + len(udp)) // 2}H", pseudo + udp))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    good = ~total & 0xFFFF or 0xFFFF
+    udp[6:8] = (good ^ 0x0101).to_bytes(2, "big")  # wrong (and not 0)
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0x4000, 64, 17, 0, src, dst)
+    rx = net.c.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    raw = net.a.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    before = csum_counters(net.c)["UdpInCsumErrors"]
+    got: list[bytes] = []
+    try:
+        rx.bind((FWD_IPS[4][1], port))
+        rx.settimeout(1.0)
+        raw.sendto(ip + bytes(udp), (FWD_IPS[4][1], 0))
+        with contextlib.suppress(TimeoutError):
+            got.append(rx.recv(2048))
+    finally:
+        raw.close()
+        rx.close()
+    deadline = time.monotonic() + 2
+    while csum_counters(net.c)["UdpInCsumErrors"] == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    counted = csum_counters(net.c)["UdpInCsumErrors"] - before
+    assert (len(got), counted) == (0, 1), f"c received {len(got)}, UdpInCsumErrors +{counted}"

@@ -638,3 +638,38 @@ def test_coalesce_flag_property(items: list[tuple[str, bool]], v6: bool) -> None
             kernel_forward(hdr, bytes(packet))
         index += 1
     assert index == len(packets)
+
+
+# --- a checksum that was already bad ---------------------------------------------------------
+
+BAD_CHECKSUM_REASON = (
+    "partial form launders a bad checksum: a plain packet read from the TUN without "
+    "NEEDS_CSUM (routed in from elsewhere, or a raw socket) whose TCP/UDP checksum is wrong "
+    "is put in partial form by to_partial_in_place without being verified; the receiver "
+    "writes it with NEEDS_CSUM and its kernel accepts it, or completes a valid checksum over "
+    "the corrupted bytes when it routes it on - where full mode (and kernel WireGuard) "
+    "forward the bad checksum and the destination drops the packet")
+
+
+@pytest.mark.xfail(strict=True, reason=BAD_CHECKSUM_REASON)
+@pytest.mark.parametrize("kind", ["tcp4", "tcp6", "udp4", "udp6"])
+def test_a_bad_checksum_is_not_made_good(kind: str) -> None:
+    """A packet corrupted before it reached the sender (one payload byte changed after its
+    checksum was made): whatever crosses must not come out of the receiving kernel, routed
+    on, with a checksum that makes the corrupted bytes valid."""
+    packet = bytearray(FULL[kind](bytes(range(200))))
+    packet[-50] ^= 0x40  # corrupted on a LAN before the tunnel
+    corrupted = bytes(packet)
+    assert not l4_valid(corrupted)
+    # Full mode: the bad checksum crosses as it is, the receiver's kernel verifies and drops.
+    (as_is,) = [bytes(p) for p in split(EMPTY_HDR + corrupted)]
+    assert coalesce([as_is]) == [[EMPTY_HDR, as_is]] and not l4_valid(as_is)
+    # Partial mode (the sender may also drop it: then nothing crosses).
+    wire = [bytes(p) for p in split(EMPTY_HDR + corrupted, partial=True)]
+    for hdr, *parts in coalesce(wire, [True] * len(wire)):
+        sent_on = b"".join(bytes(p) for p in parts)
+        if hdr != EMPTY_HDR:
+            sent_on = kernel_complete(hdr, sent_on)
+        assert not l4_valid(sent_on), (
+            f"sent {corrupted.hex()} (checksum {field(corrupted):#06x}, bad); the receiving "
+            f"kernel routes on {sent_on.hex()} (checksum {field(sent_on):#06x}, valid)")
