@@ -104,8 +104,9 @@ class PeerConfig:
     persistent_keepalive: float = 0.0
     psk: bytes | None = None
     partial_checksums: bool = False
-    """The peer is one of ours with an offload TUN (negotiated out of band): TCP/UDP packets
-    cross in partial form both ways (net/offload.py). Never for a stock WireGuard peer."""
+    """The peer is one of ours with an offload TUN (negotiated out of band): send it TCP/UDP
+    packets in partial form (net/offload.py). Never for a stock WireGuard peer. (Receiving
+    needs no setting: the form is told from each packet.)"""
 
 
 class Peer:
@@ -594,7 +595,6 @@ class Device:
         drop = self._drop
         deliver = self._deliver
         inner: list[Buffer] = []
-        marks: list[bool] = []  # per packet of inner: in partial form
         after: list[tuple[Peer, bool, bool]] = []
         peer: Peer | None = None
         opened: list[tuple[Session, bytes]] = []
@@ -625,25 +625,17 @@ class Device:
                 continue
             if entry[0] is not peer:
                 if opened:
-                    deliver(peer, opened, addr, now, inner, marks,  # type: ignore[arg-type]
-                            after)
+                    deliver(peer, opened, addr, now, inner, after)  # type: ignore[arg-type]
                     opened = []
                 peer = entry[0]
             opened.append((session, plaintext))
         if opened:
-            deliver(peer, opened, addr, now, inner, marks, after)  # type: ignore[arg-type]
+            deliver(peer, opened, addr, now, inner, after)  # type: ignore[arg-type]
         if inner:
-            partial = marks if any(marks) else None
             if len(inner) == 1:
-                if partial:
-                    self.tun.write(inner[0], True)  # type: ignore[call-arg]
-                else:
-                    self.tun.write(inner[0])
+                self.tun.write(inner[0])
             elif self._write_batch is not None:
-                if partial:
-                    self._write_batch(inner, partial)  # type: ignore[call-arg]
-                else:
-                    self._write_batch(inner)
+                self._write_batch(inner)
             else:
                 for packet in inner:
                     self.tun.write(packet)
@@ -656,12 +648,11 @@ class Device:
         return bool(inner)
 
     def _deliver(self, peer: Peer, opened: list[tuple[Session, bytes]], addr: SockAddr,
-                 now: float, inner: list[Buffer], marks: list[bool],
-                 after: list[tuple[Peer, bool, bool]]) -> None:
+                 now: float, inner: list[Buffer], after: list[tuple[Peer, bool, bool]]
+                 ) -> None:
         """Authenticated messages of one peer from one batch: check each inner packet (length,
-        cryptokey routing of its source) into ``inner`` (and whether it is in partial form
-        into ``marks``), then update the peer's sessions, timers, endpoint and counters under
-        one acquisition of its lock."""
+        cryptokey routing of its source) into ``inner``, then update the peer's sessions,
+        timers, endpoint and counters under one acquisition of its lock."""
         source_allowed = self.routes.source_allowed
         rx_bytes = rx_packets = 0
         data = False
@@ -690,8 +681,6 @@ class Device:
                          else memoryview(plaintext)[:length])
             rx_bytes += length
             rx_packets += 1
-        if rx_packets:
-            marks.extend([peer.partial_checksums] * rx_packets)
         confirmed = False
         with peer.lock:
             for session in sessions:

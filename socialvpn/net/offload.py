@@ -11,29 +11,29 @@ it. This module does the packet surgery: pure functions on bytes, no I/O.
   checksum left "partial" by the kernel completed).
 * :func:`coalesce` — decrypted IP packets → the buffers to write to the TUN device: runs of
   consecutive segments of one TCP flow merged into one super-packet with a GSO virtio header,
-  everything else with an empty header.
+  everything else alone (with ``NEEDS_CSUM`` if in partial form, below).
 
 **Partial checksums between our own peers.** Computing every segment's TCP checksum is the
 largest single cost of the sending side, and the receiving kernel does not need it: a packet
 written to a TUN device with ``NEEDS_CSUM`` is "checksum partial" to the kernel, which accepts
 it locally without verifying and completes the checksum itself if it routes the packet on
 (integrity is the AEAD's job: kernel WireGuard marks decrypted packets checksum-unnecessary).
-So when both ends of a link are ours with offload TUNs (negotiated per peer; a stock WireGuard
-peer always gets full checksums), every *plain* TCP/UDP packet - IPv4 not fragmented, or IPv6
-with the TCP/UDP header first - crosses in **partial form**: its checksum field holds the
-folded pseudo-header sum (what the kernel itself puts there for ``NEEDS_CSUM``), except a UDP
-over IPv4 checksum of 0 ("none"), which stays 0. The sender makes that form
-(``Segments.partial``: no pass over the payload at all), the receiver writes such packets
-with a ``NEEDS_CSUM`` header (:func:`partial_header`).
-
-Checksums use the identity that the one's-complement sum of 16-bit words equals the big
-integer of the bytes modulo 0xFFFF (as 2^16 ≡ 1), which CPython computes at C speed.
+So when the peer is ours with an offload TUN (negotiated per peer; a stock WireGuard peer
+always gets full checksums), the sender leaves *plain* TCP/UDP packets - IPv4 not fragmented,
+or IPv6 with the TCP/UDP header first - in **partial form**: the checksum field holds the
+folded pseudo-header sum, as the kernel itself leaves it with ``NEEDS_CSUM``. That is every
+TSO/USO segment (``Segments.partial``: no pass over the payload at all) and every packet the
+kernel handed over partial; a packet that came with a full checksum (routed traffic) keeps it,
+good or bad. The receiver tells the form from the packet itself (:func:`partial_header`: the
+field equals the pseudo-header sum), never from what was negotiated, so the two ends need not
+switch at the same moment; a TCP segment merges only if it is in partial form or its full
+checksum verifies (:func:`coalesce`), so a checksum that was bad before the tunnel stays bad.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 
 VNET_HDR = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_off
 VNET_HDR_LEN = VNET_HDR.size  # 10
@@ -184,14 +184,9 @@ class Segments:
         packet = self._frame[VNET_HDR_LEN:]
         if not self._mss:
             csum = self._csum
-            if self.partial:
-                where = _plain_l4(packet)
-                if csum != where:  # else already in partial form, as the kernel left it
-                    if csum is not None:
-                        _complete_in_place(packet, *csum)
-                    if where is not None:
-                        _to_partial(packet, *where)
-            elif csum is not None:
+            # Partial form where the kernel left a plain packet partial and the peer reads it;
+            # a full checksum (forwarded traffic) crosses as it is, good or bad.
+            if csum is not None and not (self.partial and csum == _plain_l4(packet)):
                 _complete_in_place(packet, *csum)
             return iter((packet,))
         if self._udp:
@@ -234,33 +229,23 @@ def _pseudo_sum(packet: Buffer, start: int) -> int:
     return value % 0xFFFF or 0xFFFF
 
 
-def to_partial_in_place(packet: memoryview | bytearray) -> None:
-    """Put a plain TCP/UDP packet with a full checksum into partial form (module doc);
-    anything else is left alone."""
-    where = _plain_l4(packet)
-    if where is not None:
-        _to_partial(packet, *where)
-
-
-def _to_partial(packet: memoryview | bytearray, start: int, offset: int) -> None:
-    at = start + offset
-    if offset == 6 and packet[0] >> 4 == 4 and not (packet[at] | packet[at + 1]):
-        return  # UDP over IPv4 without a checksum
-    _U16.pack_into(packet, at, _pseudo_sum(packet, start))
-
-
 _PARTIAL_HDRS: dict[tuple[int, int], bytes] = {}
 
 
 def partial_header(packet: Buffer) -> bytes:
-    """The virtio header to write a packet in partial form with: ``NEEDS_CSUM`` at its TCP/UDP
-    checksum for a plain packet (module doc), else the empty header (the kernel verifies)."""
+    """The virtio header to write a decrypted packet with: ``NEEDS_CSUM`` at its TCP/UDP
+    checksum when it is a plain packet (module doc) in partial form - its checksum field holds
+    its pseudo-header sum - else the empty header (the kernel verifies a full checksum, and
+    drops a bad one). Told by the packet itself, not by what the peer negotiated, so a peer
+    that switched modes (or restarted) is read right from its first packet. A full checksum
+    that happens to equal the pseudo-header sum is harmless: completing it gives it back."""
     where = _plain_l4(packet)
     if where is None:
         return EMPTY_HDR
     start, offset = where
-    if offset == 6 and packet[0] >> 4 == 4 and not (packet[start + 6] | packet[start + 7]):
-        return EMPTY_HDR  # UDP over IPv4 without a checksum
+    at = start + offset
+    if (packet[at] << 8) | packet[at + 1] != _pseudo_sum(packet, start):
+        return EMPTY_HDR  # a full checksum (or UDP over IPv4 without one: 0)
     hdr = _PARTIAL_HDRS.get(where)
     if hdr is None:
         hdr = _PARTIAL_HDRS[where] = VNET_HDR.pack(F_NEEDS_CSUM, GSO_NONE, 0, 0, start, offset)
@@ -513,25 +498,42 @@ def _parse(p: Buffer) -> _Parsed | None:
     return key, seq, n - hdr, hdr, flags
 
 
-def coalesce(packets: Iterable[Buffer], partial: Sequence[bool] | None = None
-             ) -> list[list[Buffer]]:
+def _address_sum(p: Buffer) -> int:
+    """The pseudo-header sum of a packet's addresses and protocol (length not included)."""
+    if p[0] >> 4 == 4:
+        return int.from_bytes(p[12:20], "big") % 0xFFFF + p[9]
+    return int.from_bytes(p[8:40], "big") % 0xFFFF + p[6]
+
+
+def _intact(p: Buffer, ihl: int, address_sum: int) -> bool:
+    """A TCP segment we may merge: its checksum field holds the partial form (its
+    pseudo-header sum), or a full checksum that verifies. A segment whose checksum was already
+    bad must stay bad (written alone, the kernel drops it): merging would hide it."""
+    tcp_len = len(p) - ihl
+    field = (p[ihl + TCP_CHECK] << 8) | p[ihl + TCP_CHECK + 1]
+    if field == _fold(address_sum + tcp_len):
+        return True
+    return _fold(_sum16(memoryview(p)[ihl:]) + address_sum + tcp_len) == 0xFFFF
+
+
+def coalesce(packets: Iterable[Buffer]) -> list[list[Buffer]]:
     """Decrypted IP packets in arrival order → TUN writes, each a list of buffers for one
     ``writev`` (virtio header first). Consecutive in-order segments of one TCP flow with equal
-    payload sizes (the last may be shorter, or carry PSH) become one GSO super-packet.
-    ``partial[i]``: packet ``i`` came in partial form (module doc) and is written with
-    ``NEEDS_CSUM`` if it stays alone (a merged run always is)."""
+    payload sizes (the last may be shorter, or carry PSH) and intact checksums (partial form,
+    or full and verified) become one GSO super-packet; every other packet is written alone
+    with :func:`partial_header`."""
     writes: list[list[Buffer]] = []
     run: list[Buffer] = []
     run_key: tuple[object, ...] = ()
-    run_hdr = next_seq = mss = size = 0
-    run_partial = closed = True
-    marked = False
-    for i, p in enumerate(packets):
+    run_hdr = next_seq = mss = size = run_ihl = run_addr = 0
+    closed = True
+    for p in packets:
         info = _parse(p)
         if info is not None:
             key, seq, plen, hdr, flags = info
             if (not closed and seq == next_seq and plen <= mss and key == run_key
-                    and size + plen <= MAX_COALESCED and run_hdr + size + plen <= 65535):
+                    and size + plen <= MAX_COALESCED and run_hdr + size + plen <= 65535
+                    and _intact(p, run_ihl, run_addr)):
                 run.append(p)
                 next_seq = (seq + plen) & 0xFFFFFFFF
                 size += plen
@@ -539,21 +541,23 @@ def coalesce(packets: Iterable[Buffer], partial: Sequence[bool] | None = None
                 continue
         if run:
             writes.append(_merge(run, run_hdr, mss) if len(run) > 1
-                          else [partial_header(run[0]) if run_partial else EMPTY_HDR, run[0]])
-        marked = partial is not None and partial[i]
-        if info is None:
-            writes.append([partial_header(p) if marked else EMPTY_HDR, p])
+                          else [partial_header(run[0]), run[0]])
             run = []
-            closed = True
-            continue
-        run = [p]
-        run_partial = marked
-        run_key, run_hdr, mss, size = key, hdr, plen, plen
-        next_seq = (seq + plen) & 0xFFFFFFFF
-        closed = bool(flags & TCP_PSH)
+        if info is not None:
+            ihl = 20 if p[0] >> 4 == 4 else 40
+            address_sum = _address_sum(p)
+            if _intact(p, ihl, address_sum):
+                run = [p]
+                run_key, run_hdr, mss, size = key, hdr, plen, plen
+                run_ihl, run_addr = ihl, address_sum
+                next_seq = (seq + plen) & 0xFFFFFFFF
+                closed = bool(flags & TCP_PSH)
+                continue
+        writes.append([partial_header(p), p])
+        closed = True
     if run:
         writes.append(_merge(run, run_hdr, mss) if len(run) > 1
-                      else [partial_header(run[0]) if run_partial else EMPTY_HDR, run[0]])
+                      else [partial_header(run[0]), run[0]])
     return writes
 
 

@@ -40,7 +40,7 @@ import re
 import select
 import threading
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import NoReturn, Protocol, runtime_checkable
 
 import pytun
@@ -417,9 +417,9 @@ class TunDevice:
 
     # --- writing ----------------------------------------------------------------------------
 
-    def write(self, packet: _Buffer, partial: bool = False) -> int:
+    def write(self, packet: _Buffer) -> int:
         """Hand one IP packet to the kernel; returns its length, or 0 if it was dropped.
-        ``partial`` (offloads only): the packet is in partial form (offload module doc).
+        With offloads, a packet in partial form goes with ``NEEDS_CSUM`` (offload module doc).
 
         Raises only :class:`TunClosed` (after :meth:`close`); a packet the kernel refuses is
         counted in :attr:`dropped_writes`.
@@ -428,24 +428,23 @@ class TunDevice:
             raise TunClosed(f"TUN device {self._name} is closed")
         try:
             if self.offloads:
-                hdr = offload.partial_header(packet) if partial else offload.EMPTY_HDR
-                return os.writev(self._fd, (hdr, packet)) - offload.VNET_HDR_LEN
+                return os.writev(self._fd, (offload.partial_header(packet), packet)
+                                 ) - offload.VNET_HDR_LEN
             return os.write(self._fd, packet)
         except OSError:
             self.dropped_writes += 1
             return 0
 
-    def write_batch(self, packets: Iterable[_Buffer],
-                    partial: Sequence[bool] | None = None) -> int:
+    def write_batch(self, packets: Iterable[_Buffer]) -> int:
         """Write each packet; returns how many the kernel took. With offloads, consecutive
         segments of one TCP flow go to the kernel as one GSO super-packet (one write, one
-        pass through the receiving stack); ``partial[i]``: packet ``i`` is in partial form."""
+        pass through the receiving stack)."""
         if self._closed:
             raise TunClosed(f"TUN device {self._name} is closed")
         fd = self._fd
         written = 0
         if self.offloads:
-            for buffers in offload.coalesce(packets, partial):
+            for buffers in offload.coalesce(packets):
                 try:
                     os.writev(fd, buffers)
                     written += 1
