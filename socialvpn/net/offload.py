@@ -527,18 +527,25 @@ def coalesce(packets: Iterable[Buffer]) -> list[list[Buffer]]:
     run_key: tuple[object, ...] = ()
     run_hdr = next_seq = mss = size = run_ihl = run_addr = 0
     closed = True
+    parse = _parse
     for p in packets:
-        info = _parse(p)
+        info = parse(p)
         if info is not None:
             key, seq, plen, hdr, flags = info
             if (not closed and seq == next_seq and plen <= mss and key == run_key
-                    and size + plen <= MAX_COALESCED and run_hdr + size + plen <= 65535
-                    and _intact(p, run_ihl, run_addr)):
-                run.append(p)
-                next_seq = (seq + plen) & 0xFFFFFFFF
-                size += plen
-                closed = plen < mss or bool(flags & TCP_PSH)
-                continue
+                    and size + plen <= MAX_COALESCED and run_hdr + size + plen <= 65535):
+                # Intact: the field holds the partial form (the common case: one add and
+                # two folds, inline), or a full checksum that verifies.
+                value = run_addr + run_hdr - run_ihl + plen
+                value = (value & 0xFFFF) + (value >> 16)
+                value = (value & 0xFFFF) + (value >> 16)
+                at = run_ihl + TCP_CHECK
+                if (p[at] << 8 | p[at + 1]) == value or _intact(p, run_ihl, run_addr):
+                    run.append(p)
+                    next_seq = (seq + plen) & 0xFFFFFFFF
+                    size += plen
+                    closed = plen < mss or bool(flags & TCP_PSH)
+                    continue
         if run:
             writes.append(_merge(run, run_hdr, mss) if len(run) > 1
                           else [partial_header(run[0]), run[0]])
