@@ -289,6 +289,21 @@ def _complete_in_place(packet: memoryview, start: int, offset: int) -> None:
     _U16.pack_into(packet, start + offset, value)
 
 
+def _headers_template(frame: memoryview, version: int, ihl: int, hdr_len: int, proto: int
+                      ) -> tuple[bytearray, int, int, int]:
+    """A super-packet's IP and TCP/UDP headers as the template of its segments, with the
+    IPv4 fields set per segment (total length, identification, header checksum) zeroed:
+    (template, first identification, IPv4 header sum, pseudo-header sum of the addresses and
+    protocol)."""
+    template = bytearray(frame[VNET_HDR_LEN : VNET_HDR_LEN + hdr_len])
+    if version == 4:
+        ident0 = _U16.unpack_from(template, 4)[0]
+        template[2:6] = b"\0\0\0\0"
+        template[10:12] = b"\0\0"
+        return template, ident0, ones_sum(template[:ihl]), ones_sum(template[12:20]) + proto
+    return template, 0, 0, ones_sum(template[8:40]) + proto
+
+
 def _tso_segments(frame: memoryview, mss: int, partial: bool = False) -> Iterator[memoryview]:
     """Cut a TSO super-packet (``frame``: virtio header + IP packet) into MSS segments with
     their own IP/TCP headers and checksums (``partial``: the pseudo-header sum only), each
@@ -298,19 +313,11 @@ def _tso_segments(frame: memoryview, mss: int, partial: bool = False) -> Iterato
     ihl, thl = _gso_headers(frame[base:], PROTO_TCP)
     hdr_len = ihl + thl
     end = len(frame)
-    template = bytearray(frame[base : base + hdr_len])
+    template, ident0, ip_sum, pseudo = _headers_template(frame, version, ihl, hdr_len,
+                                                         PROTO_TCP)
     seq0 = _U32.unpack_from(template, ihl + 4)[0]
     flags0 = template[ihl + 13]
     template[ihl + TCP_CHECK : ihl + TCP_CHECK + 2] = b"\0\0"
-    if version == 4:
-        ident0 = _U16.unpack_from(template, 4)[0]
-        template[2:6] = b"\0\0\0\0"  # total length, identification: set per segment
-        template[10:12] = b"\0\0"
-        ip_sum = ones_sum(template[:ihl])
-        pseudo = ones_sum(template[12:20]) + PROTO_TCP
-    else:
-        ident0 = ip_sum = 0
-        pseudo = ones_sum(template[8:40]) + PROTO_TCP
     tcp_off = ihl
     seq_at = ihl + 4
     flags_at = ihl + 13
@@ -400,17 +407,9 @@ def _uso_segments(frame: memoryview, size: int, partial: bool = False) -> Iterat
     ihl, _ = _gso_headers(frame[base:], PROTO_UDP)
     hdr_len = ihl + 8
     end = len(frame)
-    template = bytearray(frame[base : base + hdr_len])
+    template, ident0, ip_sum, pseudo = _headers_template(frame, version, ihl, hdr_len,
+                                                         PROTO_UDP)
     template[ihl + 4 : ihl + 8] = b"\0\0\0\0"  # length and checksum: set per datagram
-    if version == 4:
-        ident0 = _U16.unpack_from(template, 4)[0]
-        template[2:6] = b"\0\0\0\0"
-        template[10:12] = b"\0\0"
-        ip_sum = ones_sum(template[:ihl])
-        pseudo = ones_sum(template[12:20]) + PROTO_UDP
-    else:
-        ident0 = ip_sum = 0
-        pseudo = ones_sum(template[8:40]) + PROTO_UDP
     pack16 = _U16.pack_into
     payload0 = base + hdr_len
     off = 0

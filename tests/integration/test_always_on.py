@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.kit.agents import AgentProc, befriend, wait_for
+from tests.kit.agents import AgentProc, befriend, join_group, wait_for
 from tests.kit.internet import Internet
 from tests.kit.netns import NetLab
 
@@ -73,9 +73,7 @@ def pair(netns_factory: NetLab, test_ca, tmp_path: Path) -> Iterator[Pair]:
             agent.wait_connected(timeout=20)
         befriend(alice, bob)
         alice.json("group", "create", "lab", "--subnet", SUBNET)
-        bob.json("group", "join", alice.jid, "lab")
-        wait_for(lambda: alice.json("requests")["joins"], 10, "bob's join request")
-        alice.json("accept", bob.jid, "--group", "lab")
+        join_group(alice, bob)
         for a, b in ((alice, "bob"), (bob, "alice")):
             wait_for(lambda a=a, b=b: _up(a, b), 45, f"{a.user} -> {b} link up",
                      lambda a=a: a.log_tail(40))

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.kit.agents import AgentProc, befriend, wait_for
+from tests.kit.agents import AgentProc, befriend, join_group, wait_for
 from tests.kit.internet import Internet
 from tests.kit.netns import NetLab, Site
 from tests.kit.ports import free_port
@@ -126,9 +126,7 @@ def test_two_agents_negotiate_partial_checksums_and_carry_tcp(
             agent.wait_connected(timeout=20)
         befriend(alice, bob)
         alice.json("group", "create", "lab", "--subnet", "10.77.0.0/24")
-        bob.json("group", "join", alice.jid, "lab")
-        wait_for(lambda: alice.json("requests")["joins"], 10, "bob's join request")
-        alice.json("accept", bob.jid, "--group", "lab")
+        join_group(alice, bob)
         rows = {}
         for a, b in ((alice, "bob"), (bob, "alice")):
             rows[a.user] = wait_for(

@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from tests.kit.agents import AgentProc, befriend, wait_for
+from tests.kit.agents import AgentProc, befriend, join_group, wait_for
 from tests.kit.internet import Internet
 from tests.kit.links import Iperf3Server, iperf3, tcp_mbps
 from tests.kit.netns import NetLab, Site
@@ -86,9 +86,7 @@ def bed(tmp_path_factory: pytest.TempPathFactory, test_ca: Any) -> Iterator[Bed]
             agent.wait_connected(timeout=20)
         befriend(alice, bob)
         alice.json("group", "create", "lab", "--subnet", "10.77.0.0/24")
-        bob.json("group", "join", alice.jid, "lab")
-        wait_for(lambda: alice.json("requests")["joins"], 10, "bob's join request")
-        alice.json("accept", bob.jid, "--group", "lab")
+        join_group(alice, bob)
         for a, b in ((alice, "bob"), (bob, "alice")):
             wait_for(lambda a=a, b=b: (_peer(a, b) or {}).get("state") == "up", 45,
                      f"{a.user} -> {b} up", _diag(a))

@@ -212,6 +212,16 @@ def befriend(a: AgentProc, b: AgentProc, timeout: float = 10.0) -> None:
              lambda: a.log_tail() + "\n" + b.log_tail())
 
 
+def join_group(owner: AgentProc, member: AgentProc, group: str = "lab",
+               timeout: float = 10.0) -> None:
+    """The real CLI flow: ``member`` asks to join ``owner``'s ``group``, the owner sees the
+    request and accepts it."""
+    member.json("group", "join", owner.jid, group)
+    wait_for(lambda: owner.json("requests")["joins"], timeout,
+             f"{member.user}'s join request", owner.log_tail)
+    owner.json("accept", member.jid, "--group", group)
+
+
 def sd_notified(sock: socket.socket, token: bytes) -> bytes:
     """The first sd_notify datagram holding ``token`` (STATUS= lines may come before it)."""
     for _ in range(50):
