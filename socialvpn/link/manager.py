@@ -803,11 +803,15 @@ class GroupLinks:
         """ICE selected a pair whose local side is a plain socket (``sock``, a duplicate the
         Device's threads now read with the fast path): point the peer there and report
         ``connected``. The socket the peer used before keeps receiving a little while."""
-        link = self._links[peer_id]
-        if self._stopped:
+        link = self._links.get(peer_id)
+        if self._stopped or link is None:  # stopped, or the peer left meanwhile
             taken.sock.close()
             return
-        direct = self.io.open(taken.sock, owner=peer_id, on_stun=taken.stun)
+        try:
+            direct = self.io.open(taken.sock, owner=peer_id, on_stun=taken.stun)
+        except BaseException:
+            taken.sock.close()  # the duplicate is ours until the I/O table holds it
+            raise
         direct.early(taken.early, result.remote_addr)
         self.device.serve(direct, f"udp-{peer_id[:8]}")
         self.mux.detach(peer_id)

@@ -463,6 +463,33 @@ async def test_direct_sockets_carry_data_hand_stun_over_and_roam() -> None:
     assert a.links.io.sockets() == [] and b.links.io.sockets() == []
 
 
+async def test_a_taken_socket_that_cannot_be_used_is_closed() -> None:
+    """A socket ICE handed over is ours: for a peer that left meanwhile, or when opening it
+    for the Device fails, it is closed, not leaked."""
+    a = Node("a", "10.9.0.1")
+    a.links.start()
+    try:
+        gone, other = _udp(), _udp()
+        a.links.attach_direct("nobody", TakenSocket(gone, lambda d, addr: None),
+                              _result(gone, other))
+        assert gone.fileno() == -1
+        b_public = keypair()[1]
+        a.links.set_peer("b", b_public, ("10.9.0.2/32",))
+        broken = _udp()
+
+        def refuse(*args: Any, **kwargs: Any) -> Any:
+            raise OSError("no room")
+
+        a.links.io.open = refuse  # type: ignore[method-assign]
+        with pytest.raises(OSError):
+            a.links.attach_direct("b", TakenSocket(broken, lambda d, addr: None),
+                                  _result(broken, other))
+        assert broken.fileno() == -1
+        other.close()
+    finally:
+        await a.links.stop()
+
+
 async def test_links_come_back_from_cached_endpoints_without_signalling() -> None:
     a, b = Node("a", "10.9.0.1", keepalive=3.0), Node("b", "10.9.0.2", keepalive=3.0)
     a.links.start()
