@@ -113,7 +113,9 @@ class LinkHub:
         self._task: asyncio.Task[None] | None = None
         self.failures: dict[tuple[str, str], str] = {}
         self._up: dict[str, asyncio.Event] = {}  # gid -> set once its links are up
-        self._order: dict[tuple[str, str], asyncio.Lock] = {}
+        self._order: dict[tuple[str, str], tuple[asyncio.Lock, list[int]]] = {}
+        """Per peer: the lock that keeps its actions in order, and how many tasks use it (the
+        entry goes when the last one is done)."""
         self._unsent: set[tuple[str, str]] = set()  # our last signalling to them went nowhere
         self._held: dict[tuple[str, str], list[LinkMessage]] = {}  # until the group is up
         self._overlay: tuple[str, ...] = ()
@@ -454,9 +456,18 @@ class LinkHub:
     async def _execute(self, key: tuple[str, str], actions: list[Any], jid: str | None) -> None:
         # One peer's actions run strictly in the order the state machine gave them (an ICE
         # session must exist before its remote candidates arrive).
-        lock = self._order.setdefault(key, asyncio.Lock())
-        async with lock:
-            await self._execute_in_order(key, actions, jid)
+        entry = self._order.get(key)
+        if entry is None:
+            entry = self._order[key] = (asyncio.Lock(), [0])
+        lock, users = entry
+        users[0] += 1
+        try:
+            async with lock:
+                await self._execute_in_order(key, actions, jid)
+        finally:
+            users[0] -= 1
+            if not users[0] and self._order.get(key) is entry:
+                del self._order[key]
 
     async def _execute_in_order(self, key: tuple[str, str], actions: list[Any],
                                 jid: str | None) -> None:

@@ -230,6 +230,9 @@ async def test_hub_advertises_offloads_and_hands_the_agreement_to_group_links(
         await until(lambda: len(links.started) == 3, "the third StartIce")
         assert links.started[2]["partial_checksums"] is ours
         assert [m.features for m in agent.xmpp.sent] == [answer.features] * 3
+        # Every action ran: the per-peer ordering lock is not kept around.
+        await until(lambda: not agent.tasks, "the actions to finish")
+        assert hub._order == {}
     finally:
         await _finish(agent)
 
