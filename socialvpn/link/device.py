@@ -27,6 +27,7 @@ batch) and each is sealed once, outside it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -136,6 +137,11 @@ class Peer:
         return f"<Peer {self.public_key.hex()[:8]} endpoint={display(self.endpoint)}>"
 
 
+def _pollable(io: object) -> bool:
+    """A DatagramIO the I/O thread can poll (non-blocking receives on a descriptor)."""
+    return hasattr(io, "try_recv_segments") and hasattr(io, "fileno")
+
+
 def _inner_bytes(groups: list[Any]) -> int:
     """Total size of the packets in ``groups`` (offload ``Segments`` know theirs)."""
     total = 0
@@ -194,11 +200,17 @@ class Device:
         self._tun_groups = bool(getattr(tun, "offloads", False)) and hasattr(tun, "read_groups")
         self._write_batch: Callable[[list[Buffer]], object] | None = getattr(
             tun, "write_batch", None)
-        # One thread for TUN and UDP when both can be polled (see _io_loop).
-        self.single_thread = (self._tun_wait is not None
-                              and hasattr(transport, "try_recv_segments")
-                              and hasattr(transport, "fileno") and hasattr(tun, "fileno")
-                              and os.environ.get("SOCIALVPN_LINK_THREADS") != "2")
+        # One I/O thread polls the TUN device and every socket that can be polled: the main
+        # transport if it can, and the sockets handed to serve() (see _io_loop).
+        self._tun_polled = (self._tun_wait is not None and hasattr(tun, "fileno")
+                            and os.environ.get("SOCIALVPN_LINK_THREADS") != "2")
+        self._main_polled = self._tun_polled and _pollable(transport)
+        self.single_thread = self._main_polled
+        """TUN and the main transport in one thread (else a UDP thread reads the latter)."""
+        self._serve_queue: deque[DatagramIO] = deque()  # for the I/O loop to poll
+        self._wake_r = self._wake_w = -1  # the I/O loop's wake-up pipe (while running)
+        self._io_done = False  # the I/O loop ended: serve() falls back to threads
+        self._polled_count = 0  # sockets the I/O loop polls besides the main transport
         self._send_packed: Callable[[memoryview, list[int], SockAddr], None] | None = getattr(
             transport, "send_packed", None)
 
@@ -274,11 +286,23 @@ class Device:
             peer.timers.persistent_keepalive = max(0.0, seconds)
 
     def serve(self, io: DatagramIO, name: str = "udp-path") -> None:
-        """Receive from one more DatagramIO in a thread of its own, exactly like the main
-        transport (GRO batches, roaming). The thread ends when ``io`` raises OSError or the
-        device stops; ``io`` should return 0 bytes now and then so a stop is noticed. Replies
-        still go out through ``self.transport``, which must route the addresses ``io`` reports."""
+        """Receive from one more DatagramIO exactly like the main transport (GRO batches,
+        roaming). One that can be polled (``fileno``, ``try_recv_segments``, ``closed``, and
+        the hand-over below) joins the I/O thread's poll set: no thread of its own, no GIL
+        hand-over per batch. Its ``polled`` is set and ``on_close`` told to wake the I/O loop,
+        which then drops it and calls its ``release()``; at the device's stop its
+        ``unpoll()``. Anything else gets a thread of its own, which ends when ``io`` raises
+        OSError or the device stops (``io`` should return 0 bytes now and then so a stop is
+        noticed). Replies go out through ``self.transport``, which must route the addresses
+        ``io`` reports."""
         if not self._running:
+            return
+        if (self._tun_polled and not self._io_done and _pollable(io)
+                and hasattr(io, "release")):
+            io.polled = True  # type: ignore[attr-defined]
+            io.on_close = self._wake_io  # type: ignore[attr-defined]
+            self._serve_queue.append(io)
+            self._wake_io()
             return
         t = threading.Thread(target=self._udp_loop, args=(io,), name=f"link-{name}",
                              daemon=True)
@@ -287,11 +311,21 @@ class Device:
 
     # --- lifecycle -------------------------------------------------------------------------
 
+    def _wake_io(self) -> None:
+        """Make the I/O loop look at its poll set (a socket to add, or one that closed)."""
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
     def start(self) -> None:
         self._running = True
-        loops: tuple[tuple[str, Callable[[], None]], ...] = (
-            (("io", self._io_loop),) if self.single_thread
-            else (("tun", self._tun_loop), ("udp", self._udp_loop)))
+        loops: tuple[tuple[str, Callable[[], None]], ...]
+        if self._tun_polled:
+            self._io_done = False
+            self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            loops = (("io", self._io_loop),) if self._main_polled else (
+                ("io", self._io_loop), ("udp", self._udp_loop))
+        else:
+            loops = (("tun", self._tun_loop), ("udp", self._udp_loop))
         for name, target in (
             *loops,
             ("handshake", self._handshake_loop),
@@ -311,6 +345,7 @@ class Device:
         self._stopped.set()
         self._handshakes.put(None)
         self.transport.wake()
+        self._wake_io()
         self.tun.close()
         deadline = time.monotonic() + timeout
         for t in self._threads:
@@ -319,6 +354,11 @@ class Device:
         if alive:
             log.warning("link threads still running after stop: %s", ", ".join(alive))
         self._threads.clear()
+        if "link-io" not in alive:
+            for fd in (self._wake_r, self._wake_w):
+                if fd >= 0:
+                    os.close(fd)
+            self._wake_r = self._wake_w = -1
 
     def _drop(self, reason: str) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + 1
@@ -543,45 +583,103 @@ class Device:
                 break
 
     def _io_loop(self) -> None:
-        """The TUN device and the main UDP socket served by one thread (when both can be
-        polled): no GIL hand-over between a TUN and a UDP thread, and a reply that a TUN write
-        makes the kernel queue is read at once, without waking another thread."""
+        """The TUN device, the main transport (when it can be polled) and the sockets handed
+        to :meth:`serve` served by one thread: no GIL hand-over between TUN and UDP threads,
+        and a reply that a TUN write makes the kernel queue is read at once, without waking
+        another thread."""
         tun = self.tun
-        try_recv = self.transport.try_recv_segments  # type: ignore[attr-defined]
         pump = self._pump_tun
         on_batch = self._on_datagrams
         buf = bytearray(RECEIVE_BUFFER)
         view = memoryview(buf)
         tun_fd = tun.fileno()
-        udp_fd = self.transport.fileno()  # type: ignore[attr-defined]
+        wake_fd = self._wake_r
         poller = select.poll()
         poller.register(tun_fd, select.POLLIN)
-        poller.register(udp_fd, select.POLLIN)
+        poller.register(wake_fd, select.POLLIN)
+        ios: dict[int, Any] = {}  # fd -> DatagramIO polled here
+        if self._main_polled:
+            ios[self.transport.fileno()] = self.transport  # type: ignore[attr-defined]
+            poller.register(self.transport.fileno(), select.POLLIN)  # type: ignore[attr-defined]
         poll = poller.poll
         lock = self._tun_lock
-        while self._running:
-            try:
-                tun_ready = udp_ready = False
-                for fd, _events in poll():
-                    if fd == tun_fd:
-                        tun_ready = True
-                    else:
-                        udp_ready = True
-                if udp_ready:
-                    for _ in range(UDP_BUDGET):
-                        got = try_recv(buf)
-                        if got is None:
-                            break
-                        n, segment, addr = got
-                        if n and on_batch(view, n, segment, addr):
-                            tun_ready = True  # the write may have queued replies or ACKs
-                if tun_ready and self._running:
-                    with lock:  # one batch per turn: the UDP side (ACKs) is not starved
-                        pump(0)
-            except Exception:  # TunClosed after stop(), the device or the socket gone
-                if self._running:
-                    log.exception("link I/O failed; the link device stops its packet path")
-                break
+        queue = self._serve_queue
+        try:
+            while self._running:
+                try:
+                    tun_ready = False
+                    ready: list[Any] = []
+                    for fd, _events in poll():
+                        if fd == tun_fd:
+                            tun_ready = True
+                        elif fd == wake_fd:
+                            # New sockets are read at once: datagrams that came before the
+                            # take-over wait in them without making the descriptor readable.
+                            ready.extend(self._update_polled(poller, ios, queue))
+                        else:
+                            io = ios.get(fd)
+                            if io is not None:
+                                ready.append(io)
+                    for io in ready:
+                        try_recv = io.try_recv_segments
+                        for _ in range(UDP_BUDGET):
+                            try:
+                                got = try_recv(buf)
+                            except OSError:
+                                if io is self.transport:
+                                    raise
+                                self._drop_polled(poller, ios, io)  # closed under us
+                                break
+                            if got is None:
+                                break
+                            n, segment, addr = got
+                            if n and on_batch(view, n, segment, addr):
+                                tun_ready = True  # the write may have queued replies or ACKs
+                    if tun_ready and self._running:
+                        with lock:  # one batch per turn: the UDP side (ACKs) is not starved
+                            pump(0)
+                except Exception:  # TunClosed after stop(), the device or the socket gone
+                    if self._running:
+                        log.exception("link I/O failed; the link device stops its packet path")
+                    break
+        finally:
+            self._io_done = True
+            pending = list(queue)
+            queue.clear()
+            for io in [*ios.values(), *pending]:
+                if io is not self.transport:
+                    io.unpoll()  # closes from now on release at once
+            self._polled_count = 0
+
+    def _update_polled(self, poller: select.poll, ios: dict[int, Any],
+                       queue: deque[DatagramIO]) -> list[Any]:
+        """Take the sockets serve() queued into the poll set (returned: to be read now); drop
+        the ones that closed."""
+        with contextlib.suppress(OSError):
+            os.read(self._wake_r, 4096)
+        added = []
+        while queue:
+            io: Any = queue.popleft()
+            if io.closed:
+                io.release()
+                continue
+            fd = io.fileno()
+            ios[fd] = io
+            poller.register(fd, select.POLLIN)
+            added.append(io)
+        for io in [io for io in ios.values() if io is not self.transport and io.closed]:
+            self._drop_polled(poller, ios, io)
+        self._polled_count = sum(1 for io in ios.values() if io is not self.transport)
+        return added
+
+    def _drop_polled(self, poller: select.poll, ios: dict[int, Any], io: Any) -> None:
+        for fd, known in list(ios.items()):
+            if known is io:
+                with contextlib.suppress(KeyError, ValueError):
+                    poller.unregister(fd)
+                del ios[fd]
+        io.release()  # its descriptor closes only now: the number cannot be reused under us
+        self._polled_count = sum(1 for known in ios.values() if known is not self.transport)
 
     def _on_datagrams(self, view: memoryview, n: int, segment: int, addr: SockAddr) -> bool:
         """One receive (``n`` bytes in ``view``; GRO: datagrams of ``segment`` bytes back to
@@ -898,5 +996,7 @@ class Device:
                     "gro": getattr(self.transport, "gro", False),
                     "gro_batches": self.gro_batches,
                     "tun_reads_after_write": self.tun_reads_after_write,
-                    "loop": "one-thread" if self.single_thread else "tun+udp threads"},
+                    "loop": ("one-thread" if self.single_thread else
+                             "io+udp threads" if self._tun_polled else "tun+udp threads"),
+                    "polled_paths": self._polled_count},
         }

@@ -60,6 +60,7 @@ import collections
 import contextlib
 import errno
 import logging
+import os
 import queue
 import socket
 import threading
@@ -343,6 +344,18 @@ class DirectSocket:
         # non-blocking and waits in poll, so the reader still looks at its flags this often.
         sock.settimeout(DIRECT_RECV_TIMEOUT)
         self.udp = UdpTransport.from_socket(sock)
+        # The Device's I/O thread polls a twin of the descriptor and receives without
+        # waiting (timeout 0: the same O_NONBLOCK the description has anyway). Its number
+        # stays taken until the I/O thread has let go of it (release()).
+        twin = socket.socket(sock.family, sock.type, sock.proto, fileno=os.dup(sock.fileno()))
+        twin.setblocking(False)
+        self._rx = UdpTransport.from_socket(twin)
+        self._lock = threading.Lock()
+        self._released = False
+        self.polled = False
+        """The Device's I/O thread polls this socket (set by Device.serve)."""
+        self.on_close: Callable[[], None] | None = None
+        """Called once closed while polled: the I/O thread then drops it and releases it."""
         self.id = sid
         self.owner = owner
         self.on_stun = on_stun
@@ -381,12 +394,49 @@ class DirectSocket:
     def send_batch(self, messages: list[bytearray], addr: SockAddr) -> None:
         self.udp.send_batch(messages, (addr[0], addr[1]))
 
+    def send_packed(self, buf: memoryview, sizes: list[int], addr: SockAddr) -> None:
+        self.udp.send_packed(buf, sizes, (addr[0], addr[1]))
+
+    def fileno(self) -> int:
+        return self._rx.fileno()
+
+    def _take_early(self, buf: bytearray) -> tuple[int, int, SockAddr]:
+        data, early_addr = self._early.popleft()
+        n = min(len(data), len(buf))
+        buf[:n] = data[:n]
+        return n, n, early_addr
+
+    def try_recv_segments(self, buf: bytearray) -> tuple[int, int, SockAddr] | None:
+        """:meth:`recv_segments` without waiting (the I/O thread polls :meth:`fileno`): None
+        when nothing is queued; OSError once closed."""
+        if self._early:
+            return self._take_early(buf)
+        recv = self._rx.try_recv_segments
+        while True:
+            if self.closed:
+                raise OSError(errno.EBADF, "direct socket closed")
+            got = recv(buf)
+            if got is None:
+                return None
+            n, segment, addr = got
+            if self._stun(buf, n, segment, addr):
+                continue
+            self.rx += 1
+            return n, segment, (addr[0], addr[1], self.id)
+
+    def _stun(self, buf: bytearray, n: int, segment: int, addr: SockAddr) -> bool:
+        """A STUN datagram goes to ``on_stun`` (or nowhere), never to the Device."""
+        if n >= 20 and segment >= n and buf[0] < 2 and buf[4:8] == STUN_COOKIE:
+            self.stun_rx += 1
+            on_stun = self.on_stun
+            if on_stun is not None:
+                on_stun(bytes(buf[:n]), (addr[0], addr[1]))
+            return True
+        return False
+
     def recv_segments(self, buf: bytearray) -> tuple[int, int, SockAddr]:
         if self._early:
-            data, early_addr = self._early.popleft()
-            n = min(len(data), len(buf))
-            buf[:n] = data[:n]
-            return n, n, early_addr
+            return self._take_early(buf)
         recv = self.udp.recv_segments
         while True:
             try:
@@ -401,10 +451,7 @@ class DirectSocket:
                 raise
             if self.closed:
                 raise OSError(errno.EBADF, "direct socket closed")
-            if n >= 20 and segment >= n and buf[0] < 2 and buf[4:8] == STUN_COOKIE:
-                self.stun_rx += 1
-                if self.on_stun is not None:
-                    self.on_stun(bytes(buf[:n]), (addr[0], addr[1]))
+            if self._stun(buf, n, segment, addr):
                 continue
             self.rx += 1
             return n, segment, (addr[0], addr[1], self.id)
@@ -420,10 +467,34 @@ class DirectSocket:
         pass  # the reader wakes by itself every DIRECT_RECV_TIMEOUT
 
     def close(self) -> None:
-        if not self.closed:
+        with self._lock:
+            if self.closed:
+                return
             self.closed = True
             self.on_stun = None
             self.udp.close()
+            hand_over = self.polled
+        if hand_over and self.on_close is not None:
+            self.on_close()  # the I/O thread lets go of the twin, then releases it
+        else:
+            self.release()
+
+    def release(self) -> None:
+        """Close the twin descriptor (idempotent): when nobody polls it any more."""
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+        self._rx.close()
+
+    def unpoll(self) -> None:
+        """The I/O thread stopped polling this socket: a close from now on releases at once
+        (and one that came already does)."""
+        with self._lock:
+            self.polled = False
+            closed = self.closed
+        if closed:
+            self.release()
 
     def stats(self) -> dict[str, Any]:
         return {"local": f"{self.local[0]}:{self.local[1]}", "owner": self.owner, "rx": self.rx,
@@ -517,6 +588,23 @@ class LinkIO:
             direct.send_batch(messages, addr)
             return
         self.mux.send_batch(messages, addr)
+
+    def send_packed(self, buf: memoryview, sizes: list[int], addr: SockAddr) -> None:
+        """Datagrams back to back in ``buf`` (the Device's sealed batch): one GSO send per run
+        on a direct socket; through the mux one by one."""
+        if len(addr) == 3:
+            direct = self._sockets.get(addr[2])
+            if direct is None:
+                self._errors["no-socket"] = self._errors.get("no-socket", 0) + len(sizes)
+                return
+            direct.send_packed(buf, sizes, addr)
+            return
+        pos = 0
+        messages = []
+        for size in sizes:
+            messages.append(buf[pos : pos + size])
+            pos += size
+        self.mux.send_batch(messages, addr)  # type: ignore[arg-type]
 
     def recv_into(self, buf: bytearray) -> tuple[int, SockAddr]:
         return self.mux.recv_into(buf)
