@@ -336,6 +336,9 @@ async def test_direct_path_runs_on_a_real_socket_and_is_faster(bed: Bed) -> None
             assert stats["datapath"] == "offload"
             if direct:
                 assert any(d["rx"] > 0 for d in stats["direct"]), stats["direct"]
+                # read by the Device's one I/O thread with the TUN device, no thread of its own
+                udp = stats["device"]["udp"]
+                assert udp["polled_paths"] >= 1 and udp["loop"] == "io+udp threads", udp
                 assert stats["mux"]["paths"] == {}, stats["mux"]
             print(f"{want}: a->b {tcp_mbps(up):.0f} Mbit/s, b->a {tcp_mbps(down):.0f} Mbit/s, "
                   f"datapath {stats['datapath']}")
