@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.kit.agents import AgentProc, befriend, join_group, wait_for
+from tests.kit.agents import AgentProc, befriend, join_group, peer_row, wait_for
 from tests.kit.internet import Internet
 from tests.kit.netns import NetLab, Site
 from tests.kit.ports import free_port
@@ -73,14 +73,6 @@ print(hashlib.sha256(data).hexdigest(), hashlib.sha256(got).hexdigest(), len(got
 """
 
 
-def _peer(agent: AgentProc, device: str) -> dict[str, Any] | None:
-    try:
-        rows = agent.json("peers")
-    except Exception:
-        return None
-    return next((p for p in rows if p["device"] == device), None)
-
-
 def _diag(*agents: AgentProc) -> Any:
     return lambda: "\n".join(f"--- {a.user} ---\n{a.log_tail(30)}" for a in agents)
 
@@ -130,10 +122,10 @@ def test_two_agents_negotiate_partial_checksums_and_carry_tcp(
         rows = {}
         for a, b in ((alice, "bob"), (bob, "alice")):
             rows[a.user] = wait_for(
-                lambda a=a, b=b: (row := _peer(a, b)) and row.get("state") == "up"
+                lambda a=a, b=b: (row := peer_row(a, b)) and row.get("state") == "up"
                 and row.get("checksums") == "partial" and row, 45,
                 f"{a.user} -> {b} up with partial checksums",
-                lambda a=a, b=b: f"{_peer(a, b)}\n{_diag(alice, bob)()}")
+                lambda a=a, b=b: f"{peer_row(a, b)}\n{_diag(alice, bob)()}")
         for user, row in rows.items():
             assert row["datapath"] == "offload", (user, row)
             assert row["transport"] == "direct-socket" and row["path"] == "direct", (user, row)
@@ -152,7 +144,7 @@ def test_two_agents_negotiate_partial_checksums_and_carry_tcp(
         assert after == before, f"checksum errors counted: {before} -> {after}"
         # still partial on both ends after the traffic (nothing renegotiated it away)
         for a, b in ((alice, "bob"), (bob, "alice")):
-            row = _peer(a, b)
+            row = peer_row(a, b)
             assert row and row["checksums"] == "partial", row
 
         # bob restarts: a fresh process starts with full checksums, and its new session (a
@@ -161,7 +153,7 @@ def test_two_agents_negotiate_partial_checksums_and_carry_tcp(
         bob.start()
         bob.wait_connected(timeout=20)
         for a, b in ((alice, "bob"), (bob, "alice")):
-            wait_for(lambda a=a, b=b: (row := _peer(a, b)) and row.get("state") == "up"
+            wait_for(lambda a=a, b=b: (row := peer_row(a, b)) and row.get("state") == "up"
                      and row.get("checksums") == "partial", 45,
                      f"{a.user} -> {b} partial again after bob's restart", _diag(alice, bob))
         _echo(bob_site, alice_site, IPS["bob"])

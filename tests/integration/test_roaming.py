@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from tests.kit.agents import AgentProc, befriend, join_group, wait_for
+from tests.kit.agents import AgentProc, befriend, join_group, peer_row, wait_for
 from tests.kit.internet import Internet
 from tests.kit.links import Iperf3Server, iperf3, tcp_mbps
 from tests.kit.netns import NetLab, Site
@@ -48,14 +48,6 @@ class Bed:
     bob: AgentProc
     alice_site: Site
     bob_site: Site
-
-
-def _peer(agent: AgentProc, device: str) -> dict[str, Any] | None:
-    try:
-        rows = agent.json("peers")
-    except Exception:
-        return None
-    return next((p for p in rows if p["device"] == device), None)
 
 
 def _ping(site: Site, address: str, count: int = 1, wait: int = 1) -> bool:
@@ -88,14 +80,14 @@ def bed(tmp_path_factory: pytest.TempPathFactory, test_ca: Any) -> Iterator[Bed]
         alice.json("group", "create", "lab", "--subnet", "10.77.0.0/24")
         join_group(alice, bob)
         for a, b in ((alice, "bob"), (bob, "alice")):
-            wait_for(lambda a=a, b=b: (_peer(a, b) or {}).get("state") == "up", 45,
+            wait_for(lambda a=a, b=b: (peer_row(a, b) or {}).get("state") == "up", 45,
                      f"{a.user} -> {b} up", _diag(a))
         wait_for(lambda: _ping(alice_site, IPS["bob"]), 15, "first ping", _diag(alice, bob))
         yield Bed(net, alice, bob, alice_site, bob_site)
 
 
 def test_direct_link_runs_on_a_real_socket_with_nat_keepalive(bed: Bed) -> None:
-    a, b = _peer(bed.alice, "bob"), _peer(bed.bob, "alice")
+    a, b = peer_row(bed.alice, "bob"), peer_row(bed.bob, "alice")
     assert a and b
     for row in (a, b):
         assert row["path"] == "direct", row
@@ -139,7 +131,7 @@ def test_agents_restarted_while_xmpp_is_down_relink_from_cache(bed: Bed) -> None
         took = time.monotonic() - started
         assert _ping(bed.bob_site, IPS["alice"], count=2), "bob -> alice"
         for agent, other in ((alice, "bob"), (bob, "alice")):
-            row = _peer(agent, other)
+            row = peer_row(agent, other)
             assert row and row["transport"] == "cached", row
             assert agent.xmpp_state() != "connected"
         print(f"both agents restarted with Prosody down: ping after {took:.1f} s")
@@ -148,7 +140,7 @@ def test_agents_restarted_while_xmpp_is_down_relink_from_cache(bed: Bed) -> None
     for agent in (alice, bob):
         agent.wait_connected(timeout=30)
     # ICE runs again once signalling is back and may take the link over; it keeps working.
-    wait_for(lambda: (_peer(alice, "bob") or {}).get("state") == "up", 45, "ICE again",
+    wait_for(lambda: (peer_row(alice, "bob") or {}).get("state") == "up", 45, "ICE again",
              _diag(alice, bob), interval=0.5)
     assert _ping(bed.alice_site, IPS["bob"], count=2)
 
@@ -181,11 +173,11 @@ def test_underlay_address_change_resumes_within_5s(bed: Bed) -> None:
     assert took < 5.0, took
     assert _ping(bed.bob_site, IPS["alice"], count=2)
     assert bob.exited() is None and alice.exited() is None
-    row = _peer(alice, "bob")
+    row = peer_row(alice, "bob")
     assert row and row["endpoint_changes"] >= 1, row
     print(f"bob moved {old} -> {new}: ping again after {took:.2f} s "
           f"(alice sees bob at {row['endpoint']}, transport {row['transport']})")
-    wait_for(lambda: (_peer(bob, "alice") or {}).get("state") == "up", 20,
+    wait_for(lambda: (peer_row(bob, "alice") or {}).get("state") == "up", 20,
              "ICE restarted on the new address", _diag(bob), interval=0.5)
     assert _ping(bed.alice_site, IPS["bob"], count=2)
 
@@ -202,7 +194,7 @@ def test_public_address_change_behind_the_peers_nat_resumes_by_ice_restart(bed: 
              _diag(alice, bob), interval=0.05)
     took = time.monotonic() - changed
     assert _ping(bed.bob_site, IPS["alice"], count=2)
-    row = _peer(bob, "alice")
+    row = peer_row(bob, "alice")
     assert row and row["endpoint"].startswith(new), row
     print(f"alice moved {old} -> {new} (bob behind NAT): ping again after {took:.2f} s")
     assert took < 5.0, took

@@ -212,6 +212,16 @@ def befriend(a: AgentProc, b: AgentProc, timeout: float = 10.0) -> None:
              lambda: a.log_tail() + "\n" + b.log_tail())
 
 
+def peer_row(agent: AgentProc, device: str) -> dict[str, Any] | None:
+    """``agent``'s ``peers`` row for ``device`` (a device name), or None - also while the
+    agent cannot answer (restarting), for wait_for loops."""
+    try:
+        rows = agent.json("peers")
+    except Exception:
+        return None
+    return next((p for p in rows if p["device"] == device), None)
+
+
 def join_group(owner: AgentProc, member: AgentProc, group: str = "lab",
                timeout: float = 10.0) -> None:
     """The real CLI flow: ``member`` asks to join ``owner``'s ``group``, the owner sees the
