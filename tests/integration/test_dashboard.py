@@ -81,25 +81,31 @@ def _session(fwd: Forwarder, agent: AgentProc) -> tuple[str, str]:
 
 
 def _keyboard_walk(page: Any, limit: int = 120) -> None:
-    """Tab through the page: every visible control is reached, each with a visible focus."""
-    count = page.evaluate("""(sel) => {
-        const els = [...document.querySelectorAll(sel)].filter((e) => e.getClientRects().length
-            && getComputedStyle(e).visibility !== 'hidden' && !e.closest('[hidden]'));
-        els.forEach((e, i) => { e.dataset.kbd = String(i); });
-        return els.length; }""", INTERACTIVE)
+    """Tab through the page: every visible control is reached, each with a visible focus.
+    Controls are known by what they are (id, label, text), not by a mark on the element: the
+    live page may redraw a row (and its buttons) between two presses."""
+    key_of = """(e) => [e.tagName, e.id, e.getAttribute('aria-label') || '', e.name || '',
+        e.getAttribute('href') || '', (e.textContent || '').trim().slice(0, 40)].join('|')"""
+    keys = page.evaluate(f"""(sel) => {{ const key = {key_of};
+        return [...document.querySelectorAll(sel)].filter((e) => e.getClientRects().length
+            && getComputedStyle(e).visibility !== 'hidden' && !e.closest('[hidden]'))
+            .map(key); }}""", INTERACTIVE)
+    count = len(set(keys))
     assert count > 5
     page.locator("body").focus()
     reached: set[str] = set()
     for _ in range(limit):
         page.keyboard.press("Tab")
-        info = page.evaluate("""() => { const e = document.activeElement;
+        info = page.evaluate(f"""(sel) => {{ const e = document.activeElement;
             const s = getComputedStyle(e);
-            return [e.dataset.kbd || null, e.matches(':focus-visible'), s.outlineStyle,
-                    e.tagName + ' ' + (e.id || e.textContent.trim().slice(0, 30))]; }""")
-        kbd, visible, outline, what = info
-        if kbd is not None:
+            return [e.matches(sel) ? ({key_of})(e) : null, e.matches(':focus-visible'),
+                    s.outlineStyle,
+                    e.tagName + ' ' + (e.id || e.textContent.trim().slice(0, 30))]; }}""",
+            INTERACTIVE)
+        key, visible, outline, what = info
+        if key is not None and key in keys:
             assert visible and outline != "none", f"no visible focus on {what}"
-            reached.add(kbd)
+            reached.add(key)
         if len(reached) == count:
             break
     assert len(reached) == count, f"reached {len(reached)} of {count} controls by Tab"
