@@ -30,6 +30,7 @@ import pytun
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from tests.kit.netns import Netns
+from tests.kit.procs import end_process
 
 _COUNTER = struct.Struct("<Q")
 _NONCE = struct.Struct("<4xQ")
@@ -124,13 +125,7 @@ class FloorLink:
     def stop(self) -> None:
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        end_process(self.proc)  # type: ignore[arg-type]
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         self.proc = None

@@ -111,12 +111,6 @@ def checksum(*parts: Buffer) -> int:
     return ~total & 0xFFFF
 
 
-def _pseudo(packet: Buffer, version: int, proto: int, length: int) -> bytes:
-    if version == 4:
-        return bytes(packet[12:20]) + struct.pack("!BBH", 0, proto, length)
-    return bytes(packet[8:40]) + struct.pack("!IxxxB", length, proto)
-
-
 def ipv4_header_checksum(header: bytearray) -> None:
     header[10:12] = b"\0\0"
     header[10:12] = checksum(header).to_bytes(2, "big")
@@ -221,12 +215,7 @@ def _plain_l4(packet: Buffer) -> tuple[int, int] | None:
 def _pseudo_sum(packet: Buffer, start: int) -> int:
     """The folded pseudo-header sum (addresses, protocol, L4 length) of a plain packet whose
     L4 header starts at ``start``; never 0."""
-    if packet[0] >> 4 == 4:
-        value = int.from_bytes(packet[12:20], "big") % 0xFFFF + packet[9]
-    else:
-        value = int.from_bytes(packet[8:40], "big") % 0xFFFF + packet[6]
-    value += len(packet) - start
-    return value % 0xFFFF or 0xFFFF
+    return (_address_sum(packet) + len(packet) - start) % 0xFFFF or 0xFFFF
 
 
 _PARTIAL_HDRS: dict[tuple[int, int], bytes] = {}
@@ -583,7 +572,7 @@ def _merge(run: list[Buffer], hdr_len: int, mss: int) -> list[Buffer]:
         head[4:6] = tcp_len.to_bytes(2, "big")
         gso = GSO_TCPV6
     # A partial checksum, as the kernel's own TSO packets carry: the pseudo-header sum.
-    pseudo = ones_sum(_pseudo(head, version, PROTO_TCP, tcp_len))
+    pseudo = _fold(_address_sum(head) + tcp_len)
     head[ihl + TCP_CHECK : ihl + TCP_CHECK + 2] = pseudo.to_bytes(2, "big")
     vnet = VNET_HDR.pack(F_NEEDS_CSUM, gso, hdr_len, mss, ihl, TCP_CHECK)
     return [vnet, head, *payloads]

@@ -215,19 +215,33 @@ def tcp_pull(client: Netns, server: Netns, server_ip: str, fam: int, data: bytes
     return digest.hexdigest(), total
 
 
+@contextlib.contextmanager
+def udp_pair(src: Netns, dst: Netns, dst_ip: str, fam: int, port: int, *, timeout: float,
+             rcvbuf: int = 0) -> Iterator[tuple[socket.socket, socket.socket]]:
+    """(tx, rx): a UDP socket in ``src`` connected to ``dst_ip``:``port`` and one bound there
+    in ``dst`` (receives time out after ``timeout`` s); both closed on the way out."""
+    rx = dst.socket(FAMILY[fam], socket.SOCK_DGRAM)
+    tx = src.socket(FAMILY[fam], socket.SOCK_DGRAM)
+    try:
+        if rcvbuf:
+            rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        rx.bind((dst_ip, port))
+        rx.settimeout(timeout)
+        tx.connect((dst_ip, port))
+        yield tx, rx
+    finally:
+        tx.close()
+        rx.close()
+
+
 def udp_echo(client: Netns, server: Netns, server_ip: str, fam: int, sizes: list[int], *,
              port: int) -> tuple[list[bytes], dict[int, bytes]]:
     """``client`` sends each datagram to ``server``, which sends it back to where it came
     from (through a NAT: the address it was mapped to); returns (sent, echoed back by id)."""
-    rx = server.socket(FAMILY[fam], socket.SOCK_DGRAM)
-    tx = client.socket(FAMILY[fam], socket.SOCK_DGRAM)
     sent: list[bytes] = []
     echoed: dict[int, bytes] = {}
-    try:
-        rx.bind((server_ip, port))
-        rx.settimeout(1.0)
+    with udp_pair(client, server, server_ip, fam, port, timeout=1.0) as (tx, rx):
         tx.settimeout(1.0)
-        tx.connect((server_ip, port))
         for i, size in enumerate(sizes):
             payload = struct.pack("!I", i) + os.urandom(size - 4)
             sent.append(payload)
@@ -237,9 +251,6 @@ def udp_echo(client: Netns, server: Netns, server_ip: str, fam: int, sizes: list
                 rx.sendto(data, addr)
                 back = tx.recv(65536)
                 echoed[struct.unpack("!I", back[:4])[0]] = back
-    finally:
-        tx.close()
-        rx.close()
     return sent, echoed
 
 
@@ -254,16 +265,10 @@ def udp_transfer(src: Netns, dst: Netns, dst_ip: str, fam: int, *, gso: bool = F
     segments. Returns (sent, received by id)."""
     biggest = _udp_max(fam)
     sizes = [5, 64, 200, 576, 1000, 1200, biggest - 1, biggest]
-    rx = dst.socket(FAMILY[fam], socket.SOCK_DGRAM)
-    rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-    rx.bind((dst_ip, port))
-    rx.settimeout(0.5)
-    tx = src.socket(FAMILY[fam], socket.SOCK_DGRAM)
-    tx.connect((dst_ip, port))
     sent: list[bytes] = []
     received: dict[int, bytes] = {}
     lossy = 0
-    try:
+    with udp_pair(src, dst, dst_ip, fam, port, timeout=0.5, rcvbuf=4 << 20) as (tx, rx):
         for start in range(0, UDP_DATAGRAMS, UDP_BURST):
             ids = range(start, min(start + UDP_BURST, UDP_DATAGRAMS))
             if gso:
@@ -287,9 +292,6 @@ def udp_transfer(src: Netns, dst: Netns, dst_ip: str, fam: int, *, gso: bool = F
                 lossy += 1
                 if lossy >= 5:  # enough to say what is lost; keep the test short
                     break
-    finally:
-        tx.close()
-        rx.close()
     return sent, received
 
 
@@ -300,16 +302,11 @@ def udp_each(src: Netns, dst: Netns, dst_ip: str, fam: int, sizes: list[int], *,
              port: int, no_check: bool = False) -> tuple[list[bytes], dict[int, bytes]]:
     """One datagram at a time, each waited for (up to a second): sizes over the MTU are
     fragmented by the sending kernel; ``no_check`` (IPv4): sent with checksum 0."""
-    rx = dst.socket(FAMILY[fam], socket.SOCK_DGRAM)
-    tx = src.socket(FAMILY[fam], socket.SOCK_DGRAM)
     sent: list[bytes] = []
     received: dict[int, bytes] = {}
-    try:
-        rx.bind((dst_ip, port))
-        rx.settimeout(0.2)
+    with udp_pair(src, dst, dst_ip, fam, port, timeout=0.2) as (tx, rx):
         if no_check:
             tx.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)
-        tx.connect((dst_ip, port))
         for i, size in enumerate(sizes):
             payload = struct.pack("!I", i) + os.urandom(size - 4)
             sent.append(payload)
@@ -319,9 +316,6 @@ def udp_each(src: Netns, dst: Netns, dst_ip: str, fam: int, sizes: list[int], *,
                 with contextlib.suppress(TimeoutError):
                     data = rx.recv(65536)
                     received[struct.unpack("!I", data[:4])[0]] = data
-    finally:
-        tx.close()
-        rx.close()
     return sent, received
 
 
@@ -537,22 +531,14 @@ def test_routed_check_sees_checksums_left_partial(netns_factory: NetLab, tmp_pat
     count = 20
     for fam, key in ((4, "UdpInCsumErrors"), (6, "Udp6InCsumErrors")):
         before = csum_counters(net.c)
-        rx = net.c.socket(FAMILY[fam], socket.SOCK_DGRAM)
-        tx = net.a.socket(FAMILY[fam], socket.SOCK_DGRAM)
         got = 0
-        try:
-            rx.bind((FWD_IPS[fam][1], FWD_UDP_PORT))
-            rx.settimeout(0.5)
+        with udp_pair(net.a, net.c, FWD_IPS[fam][1], fam, FWD_UDP_PORT, timeout=0.5) as (tx, rx):
             for i in range(count):
-                tx.sendto(struct.pack("!I", i) + os.urandom(100 + i),
-                          (FWD_IPS[fam][1], FWD_UDP_PORT))
+                tx.send(struct.pack("!I", i) + os.urandom(100 + i))
             with contextlib.suppress(TimeoutError):
                 for _ in range(count):
                     rx.recv(2048)
                     got += 1
-        finally:
-            tx.close()
-            rx.close()
         deadline = time.monotonic() + 3
         while csum_counters(net.c)[key] - before[key] < count and time.monotonic() < deadline:
             time.sleep(0.05)
