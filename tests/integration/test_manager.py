@@ -101,6 +101,11 @@ class Member:
         self.relay: Callable[[LinkEvent], None] | None = None
         self.loop = NsLoop(site.host)
         self.links: GroupLinks | None = None
+        # The peer's candidates that came before this member's own start_ice (it ran late on a
+        # loaded machine); GroupLinks ignores candidates without a session, and the product's
+        # signalling never sends them that early (StartIce goes first, in order, per peer).
+        self.session_started = False
+        self.early: list[tuple[str, tuple[str, ...], bool]] = []
 
     def new_credentials(self) -> None:
         self.ufrag = f"{self.name}{os.urandom(4).hex()}"
@@ -128,6 +133,27 @@ class Member:
     async def call(self, fn: Callable[[], Any]) -> Any:
         return await self.loop.call(fn)
 
+    def take_candidates(self, peer: str, candidates: tuple[str, ...], end: bool) -> None:
+        """On this member's loop: hand the peer's candidates to the session, or keep them."""
+        if self.session_started:
+            self.links.add_remote_candidates(peer, candidates, end)
+        else:
+            self.early.append((peer, candidates, end))
+
+    def expect_session(self) -> None:
+        """On this member's loop, before either side starts: keep candidates from now on."""
+        self.session_started = False
+        self.early.clear()
+
+    async def start_ice(self, peer: str, **credentials: Any) -> None:
+        """On this member's loop: a new session with ``peer``, then any candidates it sent
+        before (one loop step, so none slips between)."""
+        await self.links.start_ice(peer, **credentials)
+        self.session_started = True
+        early, self.early = self.early, []
+        for args in early:
+            self.links.add_remote_candidates(*args)
+
     def stats(self, peer: str) -> Any:
         return self.call(lambda: self.links.peer_stats(peer))
 
@@ -153,7 +179,7 @@ async def group(a_site: Site, b_site: Site, servers: IceServers, **options: Any)
             def forward(event: LinkEvent) -> None:  # "XMPP": src's loop -> dst's loop
                 if event.kind == "candidates":
                     dst.loop.loop.call_soon_threadsafe(
-                        dst.links.add_remote_candidates, src.name, event.candidates, event.end)
+                        dst.take_candidates, src.name, event.candidates, event.end)
             return forward
 
         a.relay, b.relay = relay(a, b), relay(b, a)
@@ -168,13 +194,13 @@ async def start(a: Member, b: Member) -> float:
     b.events.clear()
     a.new_credentials()
     b.new_credentials()
+    for m in (a, b):
+        await m.call(m.expect_session)
     started = time.monotonic()
-    await a.loop.run(a.links.start_ice("b", controlling=True, local_ufrag=a.ufrag,
-                                       local_pwd=a.pwd, remote_ufrag=b.ufrag,
-                                       remote_pwd=b.pwd))
-    await b.loop.run(b.links.start_ice("a", controlling=False, local_ufrag=b.ufrag,
-                                       local_pwd=b.pwd, remote_ufrag=a.ufrag,
-                                       remote_pwd=a.pwd))
+    await a.loop.run(a.start_ice("b", controlling=True, local_ufrag=a.ufrag,
+                                 local_pwd=a.pwd, remote_ufrag=b.ufrag, remote_pwd=b.pwd))
+    await b.loop.run(b.start_ice("a", controlling=False, local_ufrag=b.ufrag,
+                                 local_pwd=b.pwd, remote_ufrag=a.ufrag, remote_pwd=a.pwd))
     return started
 
 
