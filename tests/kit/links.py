@@ -245,6 +245,10 @@ def ping_rtt_ms(result: subprocess.CompletedProcess[str]) -> float | None:
     return None
 
 
+BUSY_RETRIES = 10  # iperf3 client tries against a server still busy with the last run
+BUSY_PAUSE = 0.3  # seconds between them
+
+
 class Iperf3Server:
     def __init__(self, ns: Netns, bind: str, port: int = 5201) -> None:
         self.ns = ns
@@ -280,13 +284,22 @@ def iperf3(ns: Netns, server: str, *, seconds: float = 3, streams: int = 1,
         cmd += ["-u", "-b", udp_bitrate]
     if length:
         cmd += ["-l", str(length)]
-    result = ns.run(cmd, check=False, timeout=seconds + 30)
-    try:
-        data: dict[str, Any] = json.loads(result.stdout)
-    except ValueError:
-        raise AssertionError(f"iperf3 failed: {result.stderr} {result.stdout[-500:]}") from None
-    if "error" in data:
-        raise AssertionError(f"iperf3: {data['error']}")
+    # Right after a run the server takes a moment to reset and refuses the next client as
+    # "busy": such a refusal (nothing was measured) is tried again, a bounded number of times.
+    for attempt in range(BUSY_RETRIES + 1):
+        result = ns.run(cmd, check=False, timeout=seconds + 30)
+        try:
+            data: dict[str, Any] = json.loads(result.stdout)
+        except ValueError:
+            raise AssertionError(
+                f"iperf3 failed: {result.stderr} {result.stdout[-500:]}") from None
+        error = str(data.get("error", ""))
+        if "busy" in error and attempt < BUSY_RETRIES:
+            time.sleep(BUSY_PAUSE)
+            continue
+        if error:
+            raise AssertionError(f"iperf3: {error}")
+        break
     return data
 
 
