@@ -18,6 +18,7 @@ from bench.common import emit
 from tests.kit.agents import AgentProc, befriend, wait_for
 from tests.kit.ca import ThrowawayCA
 from tests.kit.internet import Internet
+from tests.kit.links import proc_memory_mib
 from tests.kit.netns import NetLab
 
 
@@ -68,7 +69,8 @@ def join_times(rounds: int) -> tuple[list[float], list[float]]:
     return direct, turn
 
 
-def mesh_time(devices: int) -> float:
+def mesh_time(devices: int) -> tuple[float, list[float]]:
+    """Seconds from the accepts to a full mesh; each agent's resident memory (MiB) then."""
     with tempfile.TemporaryDirectory(prefix="svpn-bench-mesh-") as tmp_dir, NetLab() as lab, \
             Internet(lab, Path(tmp_dir), ThrowawayCA.create(Path(tmp_dir) / "ca")) as net:
         agents = [net.agent(f"m{i}", net.site(f"m{i}")) for i in range(devices)]
@@ -89,7 +91,9 @@ def mesh_time(devices: int) -> float:
                        for a in agents)
 
         wait_for(full, 180, "a full mesh", interval=0.5)
-        return time.monotonic() - start
+        took = time.monotonic() - start
+        rss = [proc_memory_mib([a.proc.pid])[0] for a in agents if a.proc is not None]
+        return took, rss
 
 
 def main() -> None:
@@ -110,9 +114,13 @@ def main() -> None:
         f"{min(turn):.2f} s | {max(turn):.2f} s |",
     ]
     if args.mesh:
-        t = mesh_time(args.mesh)
+        t, rss = mesh_time(args.mesh)
         lines += ["", f"{args.mesh}-device group: all accepts → full mesh "
                       f"({args.mesh * (args.mesh - 1) // 2} links up): {t:.1f} s"]
+        if rss:
+            lines += ["", f"Resident memory of one whole agent (XMPP, ICE, dashboard, link "
+                          f"device) with {args.mesh - 1} peers up: median "
+                          f"{statistics.median(rss):.1f} MiB, max {max(rss):.1f} MiB"]
     emit(lines, args.out)
 
 

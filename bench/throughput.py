@@ -56,6 +56,7 @@ from tests.kit.links import (
     ping,
     ping_rtt_ms,
     proc_cpu_seconds,
+    proc_memory_mib,
     set_link_features,
     udp_loss_counters,
     veth_hosts,
@@ -68,7 +69,8 @@ LOSS_PER_MILLE = 5
 UDP_OFFERED = "1G"
 UDP_LENGTH = 1200
 METRICS = ("tcp1_mbps", "tcp4_mbps", "udp_rx_mbps", "udp_loss_percent", "rtt_ms",
-           "rtt_avg_ms", "cpu_s_per_gb", "tcp1_retransmits", "underlay_bytes_per_packet")
+           "rtt_avg_ms", "cpu_s_per_gb", "tcp1_retransmits", "underlay_bytes_per_packet",
+           "rss_idle_mib", "rss_peak_mib")
 
 
 @dataclass
@@ -271,9 +273,11 @@ def measure(setup: Setup, scenario: str, seconds: int, root: Path) -> dict[str, 
                 times = [float(t.split()[0]) for t in pinged.stdout.split("time=")[1:]]
                 m["rtt_ms"] = statistics.median(times) if times else None
                 m["rtt_avg_ms"] = ping_rtt_ms(pinged)
+                pids = run.pids()
+                if pids:  # both ends' VPN processes, up and idle (raw veth: none)
+                    m["rss_idle_mib"] = proc_memory_mib(pids)[0]
                 test = _Iperf(run, record)
                 try:
-                    pids = run.pids()
                     for attempt in (1, 2):  # like _Iperf, but the counters go with the try
                         wire0 = link_counters(a, "v-b")
                         cpu0 = proc_cpu_seconds(pids)
@@ -300,6 +304,8 @@ def measure(setup: Setup, scenario: str, seconds: int, root: Path) -> dict[str, 
                     received = udp["end"].get("sum_received", udp["end"]["sum"])
                     m["udp_rx_mbps"] = received["bits_per_second"] / 1e6
                     m["udp_loss_percent"] = received.get("lost_percent")
+                    if pids:  # the high-water mark after TCP 1, TCP 4 and the UDP flood
+                        m["rss_peak_mib"] = proc_memory_mib(pids)[1]
                 finally:
                     test.stop()
                 if scenario in ("loss", "nic-loss"):
@@ -442,8 +448,8 @@ def markdown(report: dict[str, Any]) -> list[str]:
         lines += ["", f"### {sc}: {SCENARIOS[sc].description}", "",
                   "| setup | TCP 1 Mbit/s | TCP 4 Mbit/s | UDP 1G offered: rx Mbit/s (loss) "
                   "| idle RTT ms (median of 30) | CPU s/GB | TCP 1 vs wireguard-go "
-                  "| TCP 1 vs best other | underlay B/pkt |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| TCP 1 vs best other | underlay B/pkt | RSS MiB idle / peak |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for su in cfg["setups"]:
             r = report["results"][sc][su]
             q = report["ratios"][sc][su]
@@ -458,7 +464,8 @@ def markdown(report: dict[str, Any]) -> list[str]:
                 f"{_fmt(r['rtt_ms'], 3)} | {_fmt(r['cpu_s_per_gb'], 2)} | "
                 f"{'–' if vs_wg is None else f'{vs_wg:.2f}×'} | "
                 f"{'–' if vs_best is None else f'{vs_best:.2f}×'} | "
-                f"{_fmt(r['underlay_bytes_per_packet'])} |")
+                f"{_fmt(r['underlay_bytes_per_packet'])} | "
+                f"{_fmt(r['rss_idle_mib'], 1)} / {_fmt(r['rss_peak_mib'], 1)} |")
     lines += ["", "### Targets (issue 7, acceptance 2)", "", "| target | this run | met |",
               "| --- | --- | --- |"]
     for t in report["targets"]:
@@ -479,7 +486,9 @@ def markdown(report: dict[str, Any]) -> list[str]:
     lines += ["", "CPU s/GB: user + system CPU of the VPN processes on both ends during the "
               "one-stream TCP run, per GB received (raw veth: kernel only, not counted). "
               "Underlay B/pkt: bytes per packet the sender's veth transmitted during that run "
-              "(> 1514: GSO super-packets crossed whole; ≤ 1514: segmented)."]
+              "(> 1514: GSO super-packets crossed whole; ≤ 1514: segmented). RSS: resident "
+              "memory of the VPN processes of both ends together, once up and idle, and their "
+              "peak (VmHWM) after all the runs of that setup."]
     return lines
 
 

@@ -19,7 +19,8 @@ from tests.kit.netns import list_netns
 pytestmark = pytest.mark.integration
 
 METRICS = {"tcp1_mbps", "tcp4_mbps", "udp_rx_mbps", "udp_loss_percent", "rtt_ms",
-           "rtt_avg_ms", "cpu_s_per_gb", "tcp1_retransmits", "underlay_bytes_per_packet"}
+           "rtt_avg_ms", "cpu_s_per_gb", "tcp1_retransmits", "underlay_bytes_per_packet",
+           "rss_idle_mib", "rss_peak_mib"}
 
 
 def test_quick_bench_writes_json_and_markdown(tmp_path: Path) -> None:
@@ -50,8 +51,10 @@ def test_quick_bench_writes_json_and_markdown(tmp_path: Path) -> None:
         assert "error" not in run, run
         assert set(run["metrics"]) == METRICS
         m = run["metrics"]
-        for key in ("tcp1_mbps", "tcp4_mbps", "udp_rx_mbps", "rtt_ms", "cpu_s_per_gb"):
+        for key in ("tcp1_mbps", "tcp4_mbps", "udp_rx_mbps", "rtt_ms", "cpu_s_per_gb",
+                    "rss_idle_mib", "rss_peak_mib"):
             assert isinstance(m[key], float) and m[key] > 0, (scenario, key, m[key])
+        assert m["rss_peak_mib"] >= m["rss_idle_mib"] * 0.9, m  # two link processes
         result = report["results"][scenario]["ours-offload"]
         assert result["rounds_ok"] == 1 and set(METRICS) <= set(result)
         assert set(report["ratios"][scenario]["ours-offload"]) >= {

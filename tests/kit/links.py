@@ -387,6 +387,20 @@ def udp_loss_counters(ns: Netns) -> dict[str, int]:
     return {name: ns.nft_counter(name, table=LOSS_TABLE) for name in ("udp_seen", "udp_dropped")}
 
 
+def proc_memory_mib(pids: list[int]) -> tuple[float, float]:
+    """Resident memory of ``pids`` now and at its peak (VmRSS, VmHWM summed), in MiB."""
+    now = peak = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                name, _, value = line.partition(":")
+                if name == "VmRSS":
+                    now += int(value.split()[0])
+                elif name == "VmHWM":
+                    peak += int(value.split()[0])
+    return now / 1024, peak / 1024
+
+
 def proc_cpu_seconds(pids: list[int]) -> float:
     """user + system CPU seconds of ``pids`` (all their threads) so far, from /proc."""
     tick = os.sysconf("SC_CLK_TCK")
