@@ -4,16 +4,25 @@
   (SO_PEERCRED) must be root or the agent's own user.
 - The TCP listener (config ``[web] listen``, default ``127.0.0.1:7387``): the dashboard's door.
   A browser gets in with the one-time URL that ``socialvpn dashboard`` prints (see
-  :mod:`socialvpn.web.dashboard` for the login, the Host/Origin/Sec-Fetch-Site checks and
-  CSRF). Without a session it sees the login page only; the API answers 401 and ``/metrics``
-  too, unless the scraper sends ``Authorization: Bearer`` with the content of
-  ``metrics.token`` (0600, made in the state directory when the listener starts).
+  :mod:`socialvpn.web.dashboard` for the login, the session cookie and its origin key, the
+  Host/Origin/Sec-Fetch-Site checks and CSRF). Without a session cookie it sees the login page
+  only; ``/`` itself carries no secret. The API, the event stream and ``/metrics`` answer 401
+  unless the request has the cookie *and* that session's key (header ``X-SVPN-Key``), or, for
+  ``/metrics`` only, ``Authorization: Bearer`` with the content of ``metrics.token`` (0600,
+  made in the state directory when the listener starts).
 
 Both doors reach the same route table (:data:`socialvpn.web.api.ROUTES`): the dashboard's
 script calls ``/api/v1/...`` like the CLI does. ``GET /api/v1/events`` with
 ``Accept: text/event-stream`` is the live stream (server-sent events): the agent's events as
 they happen and, every second, ``peers`` and ``status`` when they changed, each taken from the
 same handlers. Every response carries a strict Content-Security-Policy and friends.
+
+The page reads that stream with ``fetch()`` and a stream reader, not ``EventSource``:
+``EventSource`` cannot send headers, so the key would have to ride in the URL's query, where
+it would land in whatever logs or shows URLs on the way (a reverse proxy or forwarder's log,
+the browser's network panel and HAR exports). With ``fetch()`` the key travels the same way
+for every request (one header, one check here) and a refused stream shows its 401 to the
+page, which then sends the person to the login page instead of retrying for ever.
 
 If the TCP address cannot be bound, the agent logs one warning and runs on; the Unix socket
 works, ``GET /api/v1/dashboard`` says why the dashboard is off, and ``socialvpn dashboard``
@@ -57,6 +66,11 @@ STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; char
                 ".svg": "image/svg+xml", ".html": "text/html; charset=utf-8",
                 ".ico": "image/x-icon", ".png": "image/png"}
 UNIX_ONLY = frozenset({PREFIX + "dashboard/login"})
+NO_KEY = ("not logged in in this browser (the session cookie came without its key): run "
+          "`socialvpn dashboard` again and open the link it prints")
+LOGIN_AGAIN = ("This browser is not logged in to the dashboard (the session ended, or the page "
+               "was opened without the key that the login link gives it). Run "
+               "`socialvpn dashboard` again and open the link it prints.")
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 SECURITY_HEADERS = {
@@ -172,25 +186,35 @@ def _check_tcp(request: web.Request, state: WebState) -> web.Response | None:
         if not dashboard.origin_ok(request.headers.get("Origin"),
                                    request.headers.get("Referer"), host):
             return _refuse(state, "origin", 403, "refused: cross-origin request")
-        session = state.sessions.get(request.cookies.get(state.cookie))
-        if session is None:
+        session, why = _admit(request, state)
+        if why == "session":
             return _refuse(state, "session", 403, "refused: not logged in (run `socialvpn "
                                                   "dashboard` for a login URL)")
+        if session is None:
+            return _refuse(state, "key", 401, NO_KEY)
         if not dashboard.csrf_ok(session, request.headers.get(dashboard.CSRF_HEADER)):
             return _refuse(state, "csrf", 403, "refused: missing or wrong CSRF token "
                                                "(reload the page)")
         request[_SESSION] = session
         return None
     if guarded:
-        session = state.sessions.get(request.cookies.get(state.cookie))
-        if session is None:
-            if path == "/metrics" and dashboard.bearer_ok(
-                    state.metrics_token, request.headers.get("Authorization")):
-                return None
+        if path == "/metrics" and dashboard.bearer_ok(
+                state.metrics_token, request.headers.get("Authorization")):
+            return None
+        session, why = _admit(request, state)
+        if why == "session":
             return _refuse(state, "session", 401, "not logged in: run `socialvpn dashboard` "
                                                   "for a login URL")
+        if session is None:
+            return _refuse(state, "key", 401, NO_KEY)
         request[_SESSION] = session
     return None
+
+
+def _admit(request: web.Request, state: WebState) -> tuple[dashboard.Session | None, str]:
+    """The session of the request's cookie, if the request also carries its origin key."""
+    return state.sessions.admit(request.cookies.get(state.cookie),
+                                request.headers.get(dashboard.KEY_HEADER))
 
 
 @web.middleware
@@ -386,30 +410,32 @@ def _page(state: WebState, name: str, status: int = 200, **values: str) -> web.R
 
 
 async def _index(request: web.Request) -> web.StreamResponse:
+    """The page itself: no secret in it (its script fetches data and the CSRF token with the
+    key); without a session cookie, the login page instead."""
     state = request.app[_WEB_KEY]
     session = state.sessions.get(request.cookies.get(state.cookie))
     if _listener(request) != "tcp" or session is None:
         raise web.HTTPSeeOther("/login")
-    return _page(state, "index.html", csrf=session.csrf)
+    return _page(state, "index.html")
 
 
 async def _login(request: web.Request) -> web.StreamResponse:
     state = request.app[_WEB_KEY]
     token = request.query.get("token")
     if token is None:
-        if state.sessions.get(request.cookies.get(state.cookie)) is not None:
-            raise web.HTTPSeeOther("/")
-        return _page(state, "login.html", message="")
+        # Always the login page, also with a cookie: only the page's script knows whether
+        # this browser has the key, and it comes here (``?again``) when it has not.
+        return _page(state, "login.html",
+                     message=LOGIN_AGAIN if "again" in request.query else "")
     redeemed = state.sessions.redeem(token) if _listener(request) == "tcp" else None
     if redeemed is None:
         state.refused["token"] += 1
         return _page(state, "login.html", status=403,
                      message="That login link is not valid: it works once, for two minutes. "
                              "Run `socialvpn dashboard` for a new one.")
-    cookie, _session_obj = redeemed
-    response = web.HTTPSeeOther("/")
-    response.set_cookie(state.cookie, cookie, max_age=int(dashboard.SESSION_TTL), path="/",
-                        httponly=True, samesite="Strict")
+    response = web.HTTPSeeOther(dashboard.landing(redeemed.key))
+    response.set_cookie(state.cookie, redeemed.cookie, max_age=int(dashboard.SESSION_TTL),
+                        path="/", httponly=True, samesite="Strict")
     raise response
 
 

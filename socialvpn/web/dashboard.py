@@ -3,8 +3,21 @@
 How a browser gets in: ``socialvpn dashboard`` asks the agent over the Unix socket (only root
 or the agent's user get there) for a one-time login token and prints
 ``http://127.0.0.1:7387/login?token=...``. ``GET /login?token=`` spends the token (single use,
-valid for :data:`TOKEN_TTL` seconds) and sets a session cookie (HttpOnly, SameSite=Strict,
-random 32 bytes; the session lives in memory here, so an agent restart logs everyone out).
+valid for :data:`TOKEN_TTL` seconds) and makes a session with two secrets, random 32 bytes each:
+
+- the session cookie (HttpOnly, SameSite=Strict), set by that response;
+- the *origin key*, handed over in the redirect ``Location: /#key=<key>`` (:func:`landing`).
+  A URL fragment never goes to a server, nor into ``Referer`` (we also send no-referrer). The
+  page's script moves it into ``localStorage`` and wipes the fragment (``history.replaceState``),
+  then sends it with every call in the :data:`KEY_HEADER` header.
+
+Why two: cookies are not port-scoped (RFC 6265 §8.5). The browser also sends our cookie to any
+other server on 127.0.0.1:<another port>, such as one run by another local user whose page the
+person opens; that user then holds the cookie. ``localStorage`` is scoped to the origin
+(scheme, host *and port*), so no page of another port can read the key, and a request carries
+it only when our own script adds it. A session counts only with the cookie and its own key, so
+a stolen cookie alone reads nothing and changes nothing. The sessions live in memory here, so
+an agent restart logs everyone out.
 
 What every request on the TCP listener must pass (see :mod:`socialvpn.web.app`):
 
@@ -12,12 +25,18 @@ What every request on the TCP listener must pass (see :mod:`socialvpn.web.app`):
   any port (a forwarder may sit in between). This stops DNS rebinding.
 - ``Sec-Fetch-Site`` (sent by browsers): API, event stream and metrics refuse ``cross-site``
   and ``same-site`` callers.
+- API (``/api/v1/...``, the event stream included) and ``/metrics``: a valid session cookie
+  *and* that session's key in :data:`KEY_HEADER` (:meth:`Sessions.admit`), else 401;
+  ``/metrics`` also opens to ``Authorization: Bearer`` with the metrics token.
 - Mutating requests (POST): ``Origin`` (or, without it, ``Referer``) must be the request's own
-  origin, the session cookie must be valid and ``X-CSRF-Token`` must equal the session's token.
+  origin, the session cookie and its key must be valid and ``X-CSRF-Token`` must equal the
+  session's token. The page gets that token from ``GET /api/v1/session`` (so: cookie and key);
+  no page HTML carries a secret.
 
-Tokens and session ids are kept as SHA-256 digests, so looking them up leaks nothing through
-timing, and a memory dump shows no usable id. Time comes in through ``clock``, randomness
-through ``token``: tests drive both.
+Tokens, session ids and keys are kept as SHA-256 digests and compared with
+:func:`hmac.compare_digest`, so checking them leaks nothing through timing, and a memory dump
+shows no usable secret. Time comes in through ``clock``, randomness through ``token``: tests
+drive both.
 """
 
 from __future__ import annotations
@@ -37,6 +56,8 @@ MAX_TOKENS = 16  # outstanding login tokens (oldest dropped)
 MAX_SESSIONS = 64  # live sessions (oldest dropped)
 COOKIE_PREFIX = "svpn_session_"
 CSRF_HEADER = "X-CSRF-Token"
+KEY_HEADER = "X-SVPN-Key"  # the session's origin key, sent by the page's script
+KEY_FRAGMENT = "key"  # the landing URL's fragment: /#key=<origin key>
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "::1", "localhost"})
 WILDCARDS = frozenset({"0.0.0.0", "::", ""})
 
@@ -47,10 +68,20 @@ def _digest(secret: str) -> bytes:
 
 @dataclass(frozen=True)
 class Session:
-    key: bytes  # SHA-256 of the cookie value
+    cookie: bytes  # SHA-256 of the cookie value (the session's id)
+    origin_key: bytes  # SHA-256 of the origin key
     csrf: str
     created: float
     expires: float
+
+
+@dataclass(frozen=True)
+class Login:
+    """A spent login token: what goes to the browser (once) and the session kept here."""
+
+    cookie: str  # for Set-Cookie
+    key: str  # the origin key, for the landing URL's fragment only
+    session: Session
 
 
 class Sessions:
@@ -72,8 +103,8 @@ class Sessions:
         self._tokens[_digest(token)] = now + TOKEN_TTL
         return token
 
-    def redeem(self, token: str) -> tuple[str, Session] | None:
-        """Spend a login token: a new session (cookie value, session), or None."""
+    def redeem(self, token: str) -> Login | None:
+        """Spend a login token: a new session with its cookie and origin key, or None."""
         now = self._clock()
         self._expire(now)
         expiry = self._tokens.pop(_digest(token), None)
@@ -81,10 +112,11 @@ class Sessions:
             return None
         while len(self._sessions) >= MAX_SESSIONS:
             self._sessions.pop(next(iter(self._sessions)))
-        cookie = self._token(32)
-        session = Session(_digest(cookie), self._token(32), now, now + SESSION_TTL)
-        self._sessions[session.key] = session
-        return cookie, session
+        cookie, key = self._token(32), self._token(32)
+        session = Session(_digest(cookie), _digest(key), self._token(32), now,
+                          now + SESSION_TTL)
+        self._sessions[session.cookie] = session
+        return Login(cookie, key, session)
 
     def get(self, cookie: str | None) -> Session | None:
         if not cookie:
@@ -93,9 +125,19 @@ class Sessions:
         if session is None:
             return None
         if session.expires <= self._clock():
-            del self._sessions[session.key]
+            del self._sessions[session.cookie]
             return None
         return session
+
+    def admit(self, cookie: str | None, key: str | None) -> tuple[Session | None, str]:
+        """(session, "") when the cookie names a live session and ``key`` is its origin key;
+        else (None, why): "session" (no such session) or "key" (key missing or not its)."""
+        session = self.get(cookie)
+        if session is None:
+            return None, "session"
+        if not key_ok(session, key):
+            return None, "key"
+        return session, ""
 
     def end(self, cookie: str | None) -> None:
         if cookie:
@@ -112,6 +154,18 @@ class Sessions:
         """(outstanding tokens, live sessions)."""
         self._expire(self._clock())
         return len(self._tokens), len(self._sessions)
+
+
+def key_ok(session: Session, key: str | None) -> bool:
+    """The origin key against the session's digest (compared digest to digest)."""
+    if not key:
+        return False
+    return hmac.compare_digest(session.origin_key, _digest(key))
+
+
+def landing(key: str) -> str:
+    """Where a spent login token sends the browser: the key travels in the fragment only."""
+    return f"/#{KEY_FRAGMENT}={key}"
 
 
 def csrf_ok(session: Session, header: str | None) -> bool:

@@ -1,9 +1,11 @@
 """Unit tests for the dashboard's door (socialvpn/web/app.py + dashboard.py): the real
 APIServer with a fake agent, the Unix socket for the login URL, TCP on 127.0.0.1 for the rest.
 
-Login token one-time and expiring; no data without a session; foreign and rebinding Host,
-cross-origin and CSRF-less POSTs refused with 403 and nothing changed; CSP and friends on
-every response; static files; /metrics; the live event stream; a busy port keeps the agent up.
+Login token one-time and expiring; no data without a session; a session cookie without its
+origin key (or with another session's key) reads and changes nothing (the cookie leaks to
+other ports of 127.0.0.1); foreign and rebinding Host, cross-origin and CSRF-less POSTs
+refused with 403 and nothing changed; the page carries no secret; CSP and friends on every
+response; static files; /metrics; the live event stream; a busy port keeps the agent up.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import os
 import socket
 import stat
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,8 @@ from socialvpn.web.client import APIClient
 from tests.kit.browser import FakeAgent, short_dir
 
 pytestmark = pytest.mark.unit
+
+AUTO = "(the key of this cookie's login)"
 
 HEADERS = {
     "Content-Security-Policy": CSP,
@@ -51,10 +55,15 @@ class Reply:
 
 @dataclass
 class Door:
+    """The app behind a fake agent. ``request`` acts like the page's script: with a cookie from
+    :meth:`login` it also sends that login's origin key, unless ``key`` says otherwise (None:
+    no key header; a string: that key)."""
+
     agent: FakeAgent
     server: APIServer
     client: APIClient
     http: aiohttp.ClientSession
+    keys: dict[str, str] = field(default_factory=dict)  # cookie -> its login's origin key
 
     @property
     def port(self) -> int:
@@ -68,12 +77,22 @@ class Door:
     async def login_url(self) -> str:
         return str((await asyncio.to_thread(self.client.post, "dashboard/login", {}))["url"])
 
-    async def request(self, method: str, path: str, *, host: str | None = None,
-                      cookie: str | None = None, headers: dict[str, str] | None = None,
-                      body: Any = None) -> Reply:
-        h = {"Host": host or f"127.0.0.1:{self.port}", **(headers or {})}
+    def auth(self, cookie: str | None, key: str | None = AUTO) -> dict[str, str]:
+        """Cookie and key headers, as the page sends them."""
+        h: dict[str, str] = {}
         if cookie is not None:
             h["Cookie"] = f"{self.server.web.cookie}={cookie}"
+        if key == AUTO:
+            key = self.keys.get(cookie or "")
+        if key is not None:
+            h[dashboard.KEY_HEADER] = key
+        return h
+
+    async def request(self, method: str, path: str, *, host: str | None = None,
+                      cookie: str | None = None, key: str | None = AUTO,
+                      headers: dict[str, str] | None = None, body: Any = None) -> Reply:
+        h = {"Host": host or f"127.0.0.1:{self.port}", **self.auth(cookie, key),
+             **(headers or {})}
         data = json.dumps(body).encode() if body is not None else None
         if data is not None:
             h.setdefault("Content-Type", "application/json")
@@ -82,21 +101,24 @@ class Door:
             return Reply(r.status, r.headers, await r.read())
 
     async def login(self) -> tuple[str, str]:
-        """A fresh session: (cookie value, CSRF token)."""
+        """A fresh session: (cookie value, CSRF token); its key goes to :attr:`keys`."""
         url = await self.login_url()
         r = await self.request("GET", url.split(str(self.port), 1)[1])
-        assert r.status == 303 and r.headers["Location"] == "/"
+        assert r.status == 303
+        location = r.headers["Location"]
+        assert location.startswith("/#key=")
         morsel = r.headers["Set-Cookie"]
         cookie = morsel.split(";", 1)[0].split("=", 1)[1]
+        self.keys[cookie] = location.split("=", 1)[1]
         session = await self.request("GET", "/api/v1/session", cookie=cookie)
         return cookie, session.json()["result"]["csrf"]
 
     async def post(self, path: str, body: Any, cookie: str | None, csrf: str | None,
-                   **headers: str) -> Reply:
+                   key: str | None = AUTO, **headers: str) -> Reply:
         h = {"Origin": self.origin, **headers}
         if csrf is not None:
             h["X-CSRF-Token"] = csrf
-        return await self.request("POST", path, cookie=cookie, headers=h, body=body)
+        return await self.request("POST", path, cookie=cookie, key=key, headers=h, body=body)
 
 
 @pytest.fixture
@@ -125,7 +147,7 @@ async def test_login_url_from_the_unix_socket(door: Door) -> None:
 async def test_login_token_is_single_use_and_sets_a_strict_cookie(door: Door) -> None:
     path = (await door.login_url()).split(str(door.port), 1)[1]
     first = await door.request("GET", path)
-    assert first.status == 303 and first.headers["Location"] == "/"
+    assert first.status == 303 and first.headers["Location"].startswith("/#key=")
     cookie = first.headers["Set-Cookie"]
     name, _, rest = cookie.partition("=")
     assert name == door.server.web.cookie
@@ -159,7 +181,7 @@ def test_token_expires_after_two_minutes_and_sessions_expire() -> None:
     now[0] += dashboard.TOKEN_TTL - 1
     redeemed = sessions.redeem(fresh)
     assert redeemed is not None
-    cookie, session = redeemed
+    cookie, session = redeemed.cookie, redeemed.session
     assert sessions.redeem(fresh) is None  # single use
     assert sessions.get(cookie) == session
     assert sessions.get(cookie + "x") is None and sessions.get("") is None
@@ -208,6 +230,159 @@ async def test_session_reads_the_api(door: Door) -> None:
     assert r.status == 200 and r.json()["result"]["account"] == "alice@example.org"
     r = await door.request("GET", "/api/v1/peers", cookie=cookie)
     assert [p["device"] for p in r.json()["result"]] == ["dev0", "dev1", "dev2"]
+
+
+# --- the origin key: a cookie alone opens nothing -----------------------------------------
+
+
+async def test_login_redirect_carries_the_key_only_in_the_fragment(door: Door) -> None:
+    path = (await door.login_url()).split(str(door.port), 1)[1]
+    r = await door.request("GET", path)
+    assert r.status == 303
+    location = r.headers["Location"]
+    assert location.startswith("/#key=") and "?" not in location
+    key = location[len("/#key="):]
+    assert len(key) >= 40 and set(key) <= set(
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+    cookie = r.headers["Set-Cookie"].split(";", 1)[0].split("=", 1)[1]
+    assert key != cookie and key not in r.headers["Set-Cookie"]
+    assert key.encode() not in r.body
+    # the fragment's key with the cookie is a working session; the cookie alone is not
+    ok = await door.request("GET", "/api/v1/status", cookie=cookie, key=key)
+    assert ok.status == 200 and ok.json()["result"]["account"] == "alice@example.org"
+    assert (await door.request("GET", "/api/v1/status", cookie=cookie, key=None)).status == 401
+
+
+@pytest.mark.parametrize("path", ["/api/v1/status", "/api/v1/friends", "/api/v1/requests",
+                                  "/api/v1/groups", "/api/v1/groups/lab", "/api/v1/peers",
+                                  "/api/v1/events", "/api/v1/dashboard", "/api/v1/session",
+                                  "/metrics"])
+@pytest.mark.parametrize("key", [None, "", "wrong", "x" * 43],
+                         ids=["no-key", "empty", "wrong", "same-length"])
+async def test_cookie_without_its_key_reads_nothing(door: Door, path: str,
+                                                    key: str | None) -> None:
+    cookie, csrf = await door.login()
+    r = await door.request("GET", path, cookie=cookie, key=key)
+    assert r.status == 401
+    for leak in (b"alice", b"lab", b"dev0", b"socialvpn_", csrf.encode()):
+        assert leak not in r.body
+    assert "socialvpn dashboard" in r.json()["error"]
+    assert door.server.web.refused["key"] == 1
+    assert door.agent.calls == []
+
+
+async def test_cookie_without_its_key_gets_no_event_stream(door: Door) -> None:
+    cookie, _ = await door.login()
+    for key in (None, "wrong"):
+        r = await door.request("GET", "/api/v1/events", cookie=cookie, key=key,
+                               headers={"Accept": "text/event-stream"})
+        assert r.status == 401 and not r.headers["Content-Type"].startswith("text/event-stream")
+        assert b"dev0" not in r.body
+    assert door.server.web.streams == 0 and door.server.web.refused["key"] == 2
+
+
+@pytest.mark.parametrize("key", [None, "wrong"], ids=["no-key", "wrong-key"])
+@pytest.mark.parametrize(("path", "body"), [
+    ("/api/v1/requests", {"op": "accept", "jid": "bob@example.org"}),
+    ("/api/v1/groups", {"op": "create", "name": "lab"}),
+    ("/api/v1/friends", {"op": "add", "jid": "mallory@evil.example"}),
+    ("/logout", {}),
+])
+async def test_cookie_and_csrf_without_the_key_change_nothing(
+        door: Door, key: str | None, path: str, body: dict[str, Any]) -> None:
+    """Even with the right Origin and CSRF token (which the key guards), no key: no change."""
+    cookie, csrf = await door.login()
+    r = await door.post(path, body, cookie, csrf, key=key)
+    assert r.status == 401 and "socialvpn dashboard" in r.json()["error"]
+    assert door.agent.calls == [] and door.agent.group_names == []
+    assert door.agent.friend_requests == ["bob@example.org"]
+    assert door.server.web.refused["key"] == 1
+    assert (await door.request("GET", "/api/v1/status", cookie=cookie)).status == 200
+
+
+async def test_key_of_another_session_is_refused(door: Door) -> None:
+    cookie_a, csrf_a = await door.login()
+    cookie_b, csrf_b = await door.login()
+    key_a, key_b = door.keys[cookie_a], door.keys[cookie_b]
+    for cookie, key, csrf in ((cookie_a, key_b, csrf_a), (cookie_b, key_a, csrf_b)):
+        r = await door.request("GET", "/api/v1/peers", cookie=cookie, key=key)
+        assert r.status == 401 and b"dev0" not in r.body
+        r = await door.post("/api/v1/groups", {"op": "create", "name": "lab"}, cookie, csrf,
+                            key=key)
+        assert r.status == 401
+    assert door.agent.calls == [] and door.server.web.refused["key"] == 4
+    for cookie, key in ((cookie_a, key_a), (cookie_b, key_b)):
+        r = await door.request("GET", "/api/v1/peers", cookie=cookie, key=key)
+        assert r.status == 200
+
+
+async def test_key_without_a_cookie_is_refused(door: Door) -> None:
+    cookie, csrf = await door.login()
+    r = await door.request("GET", "/api/v1/status", key=door.keys[cookie])
+    assert r.status == 401 and door.server.web.refused["session"] == 1
+    r = await door.post("/api/v1/groups", {"op": "create", "name": "lab"}, None, csrf,
+                        key=door.keys[cookie])
+    assert r.status == 403 and door.agent.calls == []
+
+
+async def test_login_page_even_with_a_cookie_and_why(door: Door) -> None:
+    """The page's script sends a browser without the key to /login?again: no redirect loop
+    back to /, and a clear message; no data either way."""
+    cookie, _ = await door.login()
+    r = await door.request("GET", "/login", cookie=cookie, key=None)
+    assert r.status == 200 and b"socialvpn dashboard" in r.body
+    assert b"not logged in" not in r.body
+    r = await door.request("GET", "/login?again", cookie=cookie, key=None)
+    assert r.status == 200 and b"not logged in" in r.body and b"again" in r.body
+    assert b"alice" not in r.body and b"dev0" not in r.body
+
+
+async def test_metrics_bearer_path_unchanged_by_a_keyless_cookie(door: Door) -> None:
+    cookie, _ = await door.login()
+    token = (door.server.socket_path.parent / METRICS_TOKEN_FILE).read_text().strip()
+    r = await door.request("GET", "/metrics", cookie=cookie, key=None,
+                           headers={"Authorization": f"Bearer {token}"})
+    assert r.status == 200 and b"socialvpn_up 1" in r.body
+    r = await door.request("GET", "/metrics", cookie=cookie)  # cookie + key: a session
+    assert r.status == 200 and b"socialvpn_up 1" in r.body
+
+
+def test_sessions_admit_cookie_and_its_key_only() -> None:
+    now = [10.0]
+    sessions = dashboard.Sessions(clock=lambda: now[0])
+    a = sessions.redeem(sessions.issue_token())
+    b = sessions.redeem(sessions.issue_token())
+    assert a is not None and b is not None
+    assert len({a.cookie, a.key, a.session.csrf, b.cookie, b.key}) == 5
+    assert sessions.admit(a.cookie, a.key) == (a.session, "")
+    assert sessions.admit(b.cookie, b.key) == (b.session, "")
+    assert sessions.admit(a.cookie, b.key) == (None, "key")
+    assert sessions.admit(b.cookie, a.key) == (None, "key")
+    for key in (None, "", a.key + "x", a.key[:-1], a.cookie):
+        assert sessions.admit(a.cookie, key) == (None, "key")
+    assert sessions.admit(None, a.key) == (None, "session")
+    assert sessions.admit(a.key, a.key) == (None, "session")  # the key is no cookie
+    now[0] += dashboard.SESSION_TTL
+    assert sessions.admit(a.cookie, a.key) == (None, "session")
+
+
+def test_keys_and_cookies_are_kept_as_digests() -> None:
+    import hashlib
+
+    sessions = dashboard.Sessions(clock=lambda: 1.0)
+    login = sessions.redeem(sessions.issue_token())
+    assert login is not None
+    assert login.session.cookie == hashlib.sha256(login.cookie.encode()).digest()
+    assert login.session.origin_key == hashlib.sha256(login.key.encode()).digest()
+    assert login.key not in repr(login.session) and login.cookie not in repr(login.session)
+    assert dashboard.key_ok(login.session, login.key)
+    assert not dashboard.key_ok(login.session, None)
+    assert not dashboard.key_ok(login.session, "\udcff")  # lone surrogate: refused, no error
+
+
+def test_landing_puts_the_key_in_the_fragment() -> None:
+    assert dashboard.landing("K-ey_1") == "/#key=K-ey_1"
+    assert dashboard.KEY_HEADER.lower().startswith("x-")
 
 
 # --- Host, Origin, Sec-Fetch-Site, CSRF -----------------------------------------------------
@@ -333,8 +508,11 @@ async def test_refusals_are_counted(door: Door) -> None:
     cookie, csrf = await door.login()
     await door.request("GET", "/", host="evil.example")
     await door.post("/api/v1/groups", {"op": "create", "name": "lab"}, cookie, "nope")
+    await door.request("GET", "/api/v1/status", cookie=cookie, key=None)
     refused = door.server.web.refused
-    assert refused["host"] == 1 and refused["csrf"] == 1
+    assert refused["host"] == 1 and refused["csrf"] == 1 and refused["key"] == 1
+    r = await door.request("GET", "/metrics", cookie=cookie)
+    assert 'socialvpn_dashboard_refused_total{reason="key"} 1' in r.body.decode()
 
 
 # --- headers and static files ---------------------------------------------------------------
@@ -379,12 +557,16 @@ async def test_no_templates_or_escapes_through_static(door: Door, path: str) -> 
     assert r.status == 404
 
 
-async def test_index_carries_the_session_csrf(door: Door) -> None:
+@pytest.mark.parametrize("key", [AUTO, None], ids=["with-key", "cookie-only"])
+async def test_index_carries_no_secret(door: Door, key: str | None) -> None:
+    """The page is all a cookie-holder without the key gets: nothing secret in it."""
     cookie, csrf = await door.login()
-    r = await door.request("GET", "/", cookie=cookie)
+    r = await door.request("GET", "/", cookie=cookie, key=key)
     assert r.status == 200 and r.headers["Content-Type"].startswith("text/html")
-    assert f'<meta name="csrf-token" content="{csrf}">'.encode() in r.body
-    assert b"{{" not in r.body
+    for secret in (csrf, door.keys[cookie], cookie):
+        assert secret.encode() not in r.body
+    assert b"csrf" not in r.body.lower() and b"{{" not in r.body
+    assert r.body == (STATIC_DIR / "index.html").read_bytes()  # the same for every session
 
 
 class _Page(HTMLParser):
@@ -424,8 +606,8 @@ def test_pages_have_labels_and_nothing_inline(name: str) -> None:
     page = _Page()
     page.feed((STATIC_DIR / name).read_text())
     assert page.problems == []
-    for field in page.inputs:
-        assert field.get("id") in page.label_for, f"no <label for> for {field}"
+    for control in page.inputs:
+        assert control.get("id") in page.label_for, f"no <label for> for {control}"
 
 
 def test_script_builds_labelled_fields_and_no_html_from_data() -> None:
@@ -508,7 +690,7 @@ async def test_event_stream_sends_events_and_snapshots(door: Door) -> None:
     door.agent.publish("xmpp.state", state="connected")
     async with door.http.get(f"{door.origin}/api/v1/events",
                              headers={"Accept": "text/event-stream",
-                                      "Cookie": f"{door.server.web.cookie}={cookie}"}) as resp:
+                                      **door.auth(cookie)}) as resp:
         assert resp.status == 200
         assert resp.headers["Content-Type"].startswith("text/event-stream")
         assert resp.headers["Content-Security-Policy"] == CSP
@@ -554,7 +736,7 @@ async def test_stop_ends_open_streams(door: Door) -> None:
     cookie, _ = await door.login()
     async with door.http.get(f"{door.origin}/api/v1/events",
                              headers={"Accept": "text/event-stream",
-                                      "Cookie": f"{door.server.web.cookie}={cookie}"}) as resp:
+                                      **door.auth(cookie)}) as resp:
         await _read_events(resp, {"peers"})
         await asyncio.wait_for(door.server.stop(), 10)
         assert door.server.web.streams == 0

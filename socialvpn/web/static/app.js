@@ -1,9 +1,36 @@
 // SocialVPN dashboard: vanilla JS, no build step, nothing from the network.
 // Data comes from the local API (/api/v1/...) the CLI uses; live updates from the
 // server-sent event stream on /api/v1/events. Everything shown is set with textContent.
+//
+// Every request carries the session's origin key (X-SVPN-Key) next to the cookie: the login
+// link lands on /#key=<key>; we keep the key in localStorage (readable by this origin only:
+// scheme, host and port) and wipe it from the address bar. The cookie alone opens nothing
+// (another local user's server on another port of 127.0.0.1 gets the cookie too). The CSRF
+// token comes from GET /api/v1/session; the page's HTML carries no secret. The live stream is
+// read with fetch(), since EventSource cannot send the key in a header.
 "use strict";
 
-const CSRF = document.querySelector('meta[name="csrf-token"]').content;
+const KEY_STORE = "svpn-key";
+const KEY_HEADER = "X-SVPN-Key";
+(function takeKey() {  // before anything reads location.hash as a page name
+  const m = /^#key=([A-Za-z0-9_-]{16,256})$/.exec(location.hash);
+  if (!m) return;
+  try { localStorage.setItem(KEY_STORE, m[1]); } catch (e) { /* storage off: login fails */ }
+  history.replaceState(null, "", location.pathname + location.search);
+})();
+
+function key() {
+  try { return localStorage.getItem(KEY_STORE) || ""; } catch (e) { return ""; }
+}
+
+let leaving = false;
+function toLogin() {  // not (or no longer) logged in in this browser: say so on the login page
+  if (leaving) return;
+  leaving = true;
+  location.assign("/login?again");
+}
+
+let CSRF = null;  // from GET /api/v1/session, before the first change
 const PAGES = ["overview", "friends", "groups", "peers", "events"];
 const state = { status: null, friends: [], requests: null, groups: [], details: {},
                 peers: [], events: [], dashboard: null };
@@ -99,15 +126,25 @@ function region(id, data, draw) {
 
 // --- the API ------------------------------------------------------------------------------
 
+async function csrf() {
+  if (!CSRF) {
+    const s = await api("GET", "session");
+    if (!s || !s.csrf) throw new Error("no session");
+    CSRF = s.csrf;
+  }
+  return CSRF;
+}
+
 async function api(method, path, body) {
-  const opts = { method, credentials: "same-origin", headers: { Accept: "application/json" } };
+  const opts = { method, credentials: "same-origin", cache: "no-store",
+                 headers: { Accept: "application/json", [KEY_HEADER]: key() } };
   if (method !== "GET") {
     opts.headers["Content-Type"] = "application/json";
-    opts.headers["X-CSRF-Token"] = CSRF;
+    opts.headers["X-CSRF-Token"] = await csrf();
     opts.body = JSON.stringify(body || {});
   }
   const r = await fetch(path.startsWith("/") ? path : "/api/v1/" + path, opts);
-  if (r.status === 401) { location.assign("/login"); throw new Error("logged out"); }
+  if (r.status === 401) { toLogin(); throw new Error("logged out"); }
   let data;
   try { data = await r.json(); } catch (e) { data = { error: "HTTP " + r.status }; }
   if (!r.ok || data.error) throw new Error(data.error || "HTTP " + r.status);
@@ -356,29 +393,79 @@ function show() {
 
 // --- live updates -------------------------------------------------------------------------
 
-function connect() {
-  const es = new EventSource("/api/v1/events");
-  es.addEventListener("status", (e) => { state.status = JSON.parse(e.data); draw(); });
-  es.addEventListener("peers", (e) => { state.peers = JSON.parse(e.data); draw(); });
-  es.addEventListener("agent", (e) => {
-    const ev = JSON.parse(e.data);
+const handlers = {
+  status: (data) => { state.status = data; draw(); },
+  peers: (data) => { state.peers = data; draw(); },
+  agent: (ev) => {
     state.events.push(ev);
     if (state.events.length > 200) state.events.splice(0, state.events.length - 200);
     if (/^(friends|presence|request)\./.test(ev.kind)) reload("friends");
     if (/^(group|request)\./.test(ev.kind)) reload("groups");
     draw();
-  });
-  es.addEventListener("logout", () => { es.close(); location.assign("/login"); });
-  es.onopen = () => { if (document.getElementById("flash").dataset.live) flash(""); };
-  es.onerror = () => {
-    if (es.readyState === EventSource.CLOSED) {
-      // A refused stream (401) closes for good: check whether we are still logged in.
-      api("GET", "session").then(() => setTimeout(connect, 3000)).catch(() => {});
+  },
+  logout: () => toLogin(),
+};
+
+// One server-sent-events stream read with fetch (text/event-stream framing: "field: value"
+// lines, a blank line ends an event). Resolves when the server ends the stream.
+async function readStream(body, live) {
+  const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "", event = "message", data = [];
+  for (;;) {
+    const { value: chunk, done } = await reader.read();
+    if (done) return;
+    buffer += chunk;
+    let nl;
+    while ((nl = buffer.indexOf("\n")) >= 0) {
+      const line = buffer.slice(0, nl).replace(/\r$/, "");
+      buffer = buffer.slice(nl + 1);
+      if (line === "") {
+        if (data.length && Object.hasOwn(handlers, event)) handlers[event](JSON.parse(data.join("\n")));
+        event = "message";
+        data = [];
+        continue;
+      }
+      if (line.startsWith(":")) continue;  // keepalive
+      const colon = line.indexOf(":");
+      const field = colon < 0 ? line : line.slice(0, colon);
+      const value = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+      if (field === "event") event = value;
+      else if (field === "data") data.push(value);
+      else if (field === "id") live.lastId = value;
+      else if (field === "retry" && /^[0-9]+$/.test(value)) live.retry = Number(value);
     }
+  }
+}
+
+async function connect() {
+  const live = { lastId: null, retry: 2000 };
+  const stop = new AbortController();
+  window.addEventListener("pagehide", () => stop.abort());
+  for (let failures = 0; !leaving && !stop.signal.aborted;) {
+    try {
+      const headers = { Accept: "text/event-stream", [KEY_HEADER]: key() };
+      if (live.lastId !== null) headers["Last-Event-ID"] = live.lastId;
+      const r = await fetch("/api/v1/events", { headers, credentials: "same-origin",
+                                                 cache: "no-store", signal: stop.signal });
+      if (r.status === 401) { toLogin(); return; }
+      if (!r.ok || !r.body) throw new Error("HTTP " + r.status);
+      failures = 0;
+      if (document.getElementById("flash").dataset.live) {
+        delete document.getElementById("flash").dataset.live;
+        flash("");
+      }
+      await readStream(r.body, live);
+    } catch (e) {
+      if (stop.signal.aborted || leaving) return;
+      failures++;
+    }
+    if (leaving) return;
     const f = document.getElementById("flash");
     f.dataset.live = "1";
     flash("Live updates interrupted; reconnecting…", true);
-  };
+    // the server's retry hint, longer while it keeps failing (at most 30 s)
+    await new Promise((done) => setTimeout(done, Math.min(30000, live.retry * 2 ** Math.min(failures, 4))));
+  }
 }
 
 function setup() {
@@ -403,13 +490,19 @@ function setup() {
       .then(() => reload("groups"));
   });
   document.getElementById("logout").addEventListener("click", (e) => {
-    act(e.currentTarget, "POST", "/logout", {}).finally(() => location.assign("/login"));
+    act(e.currentTarget, "POST", "/logout", {}).finally(() => {
+      try { localStorage.removeItem(KEY_STORE); } catch (err) { /* nothing to remove */ }
+      leaving = true;
+      location.assign("/login");
+    });
   });
   window.addEventListener("hashchange", () => { show(); document.getElementById("main").focus(); });
   setInterval(() => {  // "x s ago" grows older
     if (current() === "peers") { delete rendered.peers; drawPeers(); }
   }, 5000);
+  if (!key()) { toLogin(); return; }  // opened without the login link's key: nothing to show
   show();
+  csrf().catch(() => {});  // early, so the first click does not wait for it
   connect();  // the stream sends status and peers at once; fetch them only if it does not
   setTimeout(() => { if (!state.status) { load("status"); load("peers"); } }, 2000);
 }
