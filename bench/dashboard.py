@@ -20,15 +20,18 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bench.common import emit
+from socialvpn.web.dashboard import KEY_HEADER
 from tests.kit.browser import AppThread, FakeAgent, launch
 
 
-def _sse_first_bytes(app: AppThread, cookie: str) -> int:
-    """Bytes of the stream until it has sent status and peers once."""
+def _sse_first_bytes(app: AppThread, cookie: str, key: str) -> int:
+    """Bytes of the stream until it has sent status and peers once (the session's cookie and
+    origin key, as the page sends them)."""
     conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=15)
     try:
         conn.request("GET", "/api/v1/events",
-                     headers={"Accept": "text/event-stream", "Cookie": cookie})
+                     headers={"Accept": "text/event-stream", "Cookie": cookie,
+                              KEY_HEADER: key})
         r = conn.getresponse()
         total, seen = 0, set()
         for _ in range(100_000):
@@ -64,6 +67,7 @@ def measure(runs: int, peers: int) -> dict[str, Any]:
                 page.goto(app.login_url())  # logs in, lands on the overview
                 page.wait_for_selector("#ov-device dd")
                 cookie = next(c for c in ctx.cookies() if c["name"].startswith("svpn_session"))
+                key = page.evaluate("() => localStorage.getItem('svpn-key')")
                 got: dict[str, int] = {}
 
                 def on_response(r: Any, got: dict[str, int] = got) -> None:
@@ -91,7 +95,7 @@ def measure(runs: int, peers: int) -> dict[str, Any]:
                 if run == 0:
                     fresh.wait_for_timeout(500)
                     sizes = dict(got)
-                    sse = _sse_first_bytes(app, f"{cookie['name']}={cookie['value']}")
+                    sse = _sse_first_bytes(app, f"{cookie['name']}={cookie['value']}", key)
                 ctx.close()
         finally:
             browser.close()
