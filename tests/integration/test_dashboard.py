@@ -9,19 +9,23 @@ bob accepts through the CLI; the peer row appears and its counters move while bo
 without a reload. Then: keyboard reachability, labels, screenshots at 390 and 1280 px
 (test-artifacts/dashboard/ or $SOCIALVPN_ARTIFACTS), /metrics, and the security acceptance:
 no data without the token; cross-origin POST, rebinding Host and CSRF-less POST get 403 and
-change nothing.
+change nothing; the session cookie without its origin key (what another local user's server
+on another port of 127.0.0.1 receives from the browser) gets 401 and changes nothing, and a
+second browser context given only the first one's cookies sees the login page, no data.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 
+from socialvpn.web.dashboard import KEY_HEADER
 from tests.kit.agents import AgentProc, wait_for
 from tests.kit.browser import Forwarder, artifacts_dir, browser_unavailable_reason, launch
 from tests.kit.env import integration_required
@@ -70,14 +74,17 @@ def _raw(fwd: Forwarder, method: str, path: str, headers: dict[str, str] | None 
         conn.close()
 
 
-def _session(fwd: Forwarder, agent: AgentProc) -> tuple[str, str]:
-    """A session from a fresh login URL, like a browser: (Cookie header, CSRF token)."""
+def _session(fwd: Forwarder, agent: AgentProc) -> tuple[str, str, str]:
+    """A session from a fresh login URL, like a browser: (Cookie header, origin key from the
+    redirect's fragment, CSRF token)."""
     status, headers, _ = _raw(fwd, "GET", _login_path(agent))
     assert status == 303, status
+    assert headers["location"].startswith("/#key="), headers["location"]
+    key = headers["location"].split("=", 1)[1]
     cookie = headers["set-cookie"].split(";", 1)[0]
-    status, _, body = _raw(fwd, "GET", "/api/v1/session", {"Cookie": cookie})
+    status, _, body = _raw(fwd, "GET", "/api/v1/session", {"Cookie": cookie, KEY_HEADER: key})
     assert status == 200
-    return cookie, json.loads(body)["result"]["csrf"]
+    return cookie, key, json.loads(body)["result"]["csrf"]
 
 
 def _keyboard_walk(page: Any, limit: int = 120) -> None:
@@ -118,6 +125,42 @@ def _labels_everywhere(page: Any) -> None:
     assert unlabelled == []
 
 
+def _cookie_alone_sees_nothing(browser: Any, ctx: Any, fwd: Forwarder,
+                               alice: AgentProc) -> None:
+    """A second browser context given only the first one's cookies (what another local
+    user's server on another port gets): the page sends it to the login page, the API
+    answers 401, and the first context's session keeps working."""
+    from playwright.sync_api import expect
+
+    thief = browser.new_context(viewport={"width": 1280, "height": 900})
+    try:
+        thief.add_cookies(ctx.cookies())
+        assert any(c["name"].startswith("svpn_session") for c in thief.cookies())
+        page = thief.new_page()
+        page.set_default_timeout(20_000)
+        page.goto(fwd.base + "/")
+        page.wait_for_url(re.compile(r"/login\?again$"))
+        expect(page.locator("main")).to_contain_text("socialvpn dashboard")
+        expect(page.locator("main")).to_contain_text("not logged in")
+        assert "alice-laptop" not in page.content() and alice.jid not in page.content()
+        found = page.evaluate("""async () => {
+            const out = {};
+            for (const p of ["/api/v1/status", "/api/v1/peers", "/api/v1/session", "/metrics"]) {
+                const r = await fetch(p, { credentials: "same-origin" });
+                out[p] = [r.status, await r.text()];
+            }
+            return out; }""")
+        for path, (status, text) in found.items():
+            assert status == 401 and "alice-laptop" not in text, (path, status, text[:200])
+        r = thief.request.get(fwd.base + "/api/v1/friends")
+        assert r.status == 401
+    finally:
+        thief.close()
+    assert ctx.pages[0].evaluate("() => fetch('/api/v1/status', { headers: { 'X-SVPN-Key': "
+                                 "localStorage.getItem('svpn-key') } }).then((r) => r.status)"
+                                 ) == 200
+
+
 def test_dashboard_end_to_end(netns_factory: NetLab, test_ca, tmp_path: Path) -> None:
     from playwright.sync_api import expect, sync_playwright
 
@@ -141,28 +184,43 @@ def test_dashboard_end_to_end(netns_factory: NetLab, test_ca, tmp_path: Path) ->
             for path in ("/api/v1/status", "/api/v1/requests", "/api/v1/peers", "/metrics"):
                 status, _, body = _raw(fwd, "GET", path)
                 assert status == 401 and b"bob" not in body and b"alice" not in body, path
-            cookie, csrf = _session(fwd, alice)
+            cookie, key, csrf = _session(fwd, alice)
+            auth = {"Cookie": cookie, KEY_HEADER: key}
             create = {"op": "create", "name": "evil"}
             own = f"http://127.0.0.1:{fwd.port}"
             attempts = {
-                "cross-origin": ({"Cookie": cookie, "X-CSRF-Token": csrf,
-                                  "Origin": "http://evil.example"}, None),
-                "rebinding Host": ({"Cookie": cookie, "X-CSRF-Token": csrf,
+                "cross-origin": ({**auth, "X-CSRF-Token": csrf,
+                                  "Origin": "http://evil.example"}, None, 403),
+                "rebinding Host": ({**auth, "X-CSRF-Token": csrf,
                                     "Origin": "http://evil.example:7387"},
-                                   "evil.example:7387"),
-                "no CSRF": ({"Cookie": cookie, "Origin": own}, None),
-                "wrong CSRF": ({"Cookie": cookie, "Origin": own, "X-CSRF-Token": "x"}, None),
+                                   "evil.example:7387", 403),
+                "no CSRF": ({**auth, "Origin": own}, None, 403),
+                "wrong CSRF": ({**auth, "Origin": own, "X-CSRF-Token": "x"}, None, 403),
+                "cookie without key": ({"Cookie": cookie, "Origin": own,
+                                        "X-CSRF-Token": csrf}, None, 401),
+                "another session's key": ({"Cookie": cookie, "Origin": own,
+                                           "X-CSRF-Token": csrf,
+                                           KEY_HEADER: _session(fwd, alice)[1]}, None, 401),
             }
-            for what, (h, host) in attempts.items():
+            for what, (h, host, refused) in attempts.items():
                 if host:
                     h = {**h, "Host": host}
                 status, _, body = _raw(fwd, "POST", "/api/v1/groups", h, create)
-                assert status == 403, f"{what}: {status} {body!r}"
+                assert status == refused, f"{what}: {status} {body!r}"
                 status, _, body = _raw(fwd, "POST", "/api/v1/requests", h,
                                        {"op": "reject", "jid": bob.jid})
-                assert status == 403, f"{what}: {status} {body!r}"
+                assert status == refused, f"{what}: {status} {body!r}"
+            # the cookie alone (another port's server gets it from the browser): no data
+            for path in ("/api/v1/status", "/api/v1/requests", "/api/v1/peers",
+                         "/api/v1/session", "/metrics"):
+                status, _, body = _raw(fwd, "GET", path, {"Cookie": cookie})
+                assert status == 401 and b"bob" not in body and csrf.encode() not in body, path
+            status, _, body = _raw(fwd, "GET", "/", {"Cookie": cookie})
+            assert status == 200 and csrf.encode() not in body and key.encode() not in body
+            status, _, body = _raw(fwd, "GET", "/api/v1/status", auth)
+            assert status == 200 and alice.jid.encode() in body
             status, _, body = _raw(fwd, "GET", "/api/v1/status",
-                                   {"Cookie": cookie, "Host": "evil.example:7387"})
+                                   {**auth, "Host": "evil.example:7387"})
             assert status == 403 and b"alice" not in body
             assert alice.json("groups") == groups_before  # nothing changed
             assert any(r["jid"] == bob.jid for r in alice.json("requests")["friends"])
@@ -182,6 +240,8 @@ def test_dashboard_end_to_end(netns_factory: NetLab, test_ca, tmp_path: Path) ->
                 page.goto(fwd.base + _login_path(alice))
                 expect(page.locator("#conn")).to_contain_text("connected")
                 expect(page.locator("#ov-device")).to_contain_text("alice-laptop")
+                assert "key" not in page.url and urlsplit(page.url).fragment == "", page.url
+                _cookie_alone_sees_nothing(browser, ctx, fwd, alice)
                 page.screenshot(path=str(shots / "overview-1280.png"), full_page=True)
 
                 # bob's pending friend request: accept it with a click
