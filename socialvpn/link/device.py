@@ -66,6 +66,7 @@ _TYPE_RECEIVER = struct.Struct("<II")
 
 MAX_STAGED_PACKETS = 128  # packets held per peer while a handshake is under way (wireguard-go)
 TIMER_TICK = 0.05  # the timer thread's resolution, seconds
+TIMER_IDLE_MAX = 1.0  # the longest it sleeps (it sleeps until the next deadline, see _timer_loop)
 RECEIVE_BUFFER = 65536
 TUN_BATCH = 32  # inner packets taken from the TUN device per wake-up
 UDP_BUDGET = 8  # receives per turn of the one-thread loop before the TUN device gets a turn
@@ -192,6 +193,7 @@ class Device:
         self.tun_reads_after_write = 0  # TUN reads the UDP thread took (_help_tun)
         self._running = False
         self._stopped = threading.Event()
+        self._timer_kick = threading.Event()  # look at the timers now (new peer, new interval)
         self._threads: list[threading.Thread] = []
         # Non-blocking TUN reads (net/tun.py TunDevice): the TUN thread waits for readability
         # and then drains under _tun_lock, which the UDP thread may also take (_help_tun).
@@ -226,6 +228,7 @@ class Device:
             peer.endpoint = self.transport.sockaddr(*cfg.endpoint)
         self.routes.set_allowed(peer, cfg.allowed_ips)
         self._peers[cfg.public_key] = peer
+        self._timer_kick.set()
         if cfg.persistent_keepalive > 0 and peer.endpoint is not None and self._running:
             self.send_keepalive(peer)
         return peer
@@ -284,6 +287,7 @@ class Device:
         peer = self._peers[public_key]
         with peer.lock:
             peer.timers.persistent_keepalive = max(0.0, seconds)
+        self._timer_kick.set()
 
     def serve(self, io: DatagramIO, name: str = "udp-path") -> None:
         """Receive from one more DatagramIO exactly like the main transport (GRO batches,
@@ -343,6 +347,7 @@ class Device:
             return
         self._running = False
         self._stopped.set()
+        self._timer_kick.set()
         self._handshakes.put(None)
         self.transport.wake()
         self._wake_io()
@@ -935,19 +940,32 @@ class Device:
     # --- timers ----------------------------------------------------------------------------
 
     def _timer_loop(self) -> None:
+        """Fire the peers' due timers, then sleep until the next deadline - but no longer than
+        half the shortest interval a packet can arm a timer for (``shortest_interval``): a
+        deadline armed meanwhile is never missed, and nothing has to wake this thread for it.
+        An idle device wakes about once a second, not 20 times."""
+        kick = self._timer_kick
         while self._running:
             now = self._clock()
+            wait = TIMER_IDLE_MAX
             for peer in self.peers():
                 with peer.lock:
-                    deadline = peer.timers.next_deadline()
+                    timers = peer.timers
+                    deadline = timers.next_deadline()
                     actions = (
-                        peer.timers.handle_timer(now)
+                        timers.handle_timer(now)
                         if deadline is not None and deadline <= now
                         else []
                     )
                 for action in actions:
                     self._carry_out(peer, action, now)
-            self._stopped.wait(TIMER_TICK)
+                with peer.lock:
+                    wait = min(wait, timers.shortest_interval() / 2)
+                    deadline = timers.next_deadline()
+                if deadline is not None:
+                    wait = min(wait, deadline - now)
+            kick.wait(max(TIMER_TICK, wait))
+            kick.clear()
 
     def _carry_out(self, peer: Peer, action: TimerAction, now: float) -> None:
         if action is TimerAction.SEND_KEEPALIVE:

@@ -112,6 +112,16 @@ class PeerTimers:
         """When :meth:`handle_timer` next has something to do (None: nothing armed)."""
         return min(self._deadlines.values(), default=None)
 
+    def shortest_interval(self) -> float:
+        """The least time from now at which anything that happens now can arm a timer: every
+        deadline is ``now`` plus one of the intervals here (and jitter). A caller that looks
+        again within this time misses none, however many packets come meanwhile."""
+        t = self.timers
+        shortest = min(t.rekey_timeout, t.keepalive_timeout)
+        if self.persistent_keepalive > 0:
+            shortest = min(shortest, self.persistent_keepalive)
+        return shortest
+
     def handle_timer(self, now: float) -> list[TimerAction]:
         """Fire every timer due at ``now``, earliest first; return the actions to carry out."""
         actions: list[TimerAction] = []

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import struct
+import threading
 import time
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -13,6 +16,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 
 from socialvpn.link.constants import LinkTimers
 from socialvpn.link.device import Device, PeerConfig
+from socialvpn.link.timers import Timer
 from socialvpn.link.transport import UdpTransport
 from socialvpn.net.fake import FakeTun
 from socialvpn.net.packet_router import PacketRouter
@@ -71,6 +75,40 @@ def test_handshake_and_data_both_ways(pair):
     assert a.tun.take_written(timeout=5).endswith(b"pong")
     sa = a.stats()["peers"][0]
     assert sa["handshakes"] == 1 and sa["tx_packets"] == 50 and sa["rx_packets"] == 1
+
+
+def _timer_thread_switches() -> int:
+    """Voluntary context switches (sleeps and wake-ups) of every link-timers thread so far."""
+    total = 0
+    for t in threading.enumerate():
+        if t.name == "link-timers" and t.native_id is not None:
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/self/task/{t.native_id}/status").read_text().split("\n"):
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        total += int(line.split()[1])
+    return total
+
+
+def test_idle_devices_timer_threads_sleep_until_needed():
+    """After a handshake and some data, WireGuard's timers (keepalive 10 s, retransmit 5 s) let
+    the timer threads sleep up to TIMER_IDLE_MAX: a few wake-ups in 2.5 idle seconds, not the
+    50 per device a fixed 50 ms tick took; the keepalive still goes out when due."""
+    a, b = make_pair(LinkTimers(keepalive_timeout=2.0))
+    try:
+        for word in (b"hello", b"again"):  # the second after b confirmed the session
+            a.tun.inject(ipv4("10.9.0.1", "10.9.0.2", word))
+            assert b.tun.take_written(timeout=5).endswith(word)
+            time.sleep(0.2)
+        owed = b.peers()[0].timers
+        assert owed.pending(Timer.SEND_KEEPALIVE)  # b received data and sent none
+        before = _timer_thread_switches()
+        time.sleep(2.5)  # the keepalive is due 2 s after the data: sent meanwhile
+        woke = _timer_thread_switches() - before
+        assert 0 < woke <= 16, woke
+        assert not owed.pending(Timer.SEND_KEEPALIVE)
+        assert b.stats()["peers"][0]["tx_packets"] == 0  # it was a keepalive, not data
+    finally:
+        stop_pair(a, b)
 
 
 def test_spoofed_inner_source_dropped(pair):

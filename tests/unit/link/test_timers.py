@@ -275,3 +275,28 @@ def test_shortened_timers_through_linktimers() -> None:
         LinkTimers(rekey_after_messages=10, reject_after_messages=5)
     with pytest.raises(ValueError):
         LinkTimers(rekey_timeout_jitter_max=-1)
+
+
+@pytest.mark.parametrize("persistent", [0.0, 0.3, 25.0])
+@pytest.mark.parametrize("timers", [LinkTimers(), LinkTimers(rekey_timeout=0.5,
+                                                             keepalive_timeout=0.2)])
+def test_no_event_arms_a_timer_sooner_than_the_shortest_interval(
+        timers: LinkTimers, persistent: float) -> None:
+    """The device's timer thread sleeps up to half of shortest_interval() without being woken
+    by packets: every event and every expiry must arm its deadlines at least that far out."""
+    names = [n for n in dir(PeerTimers) if n.startswith(("on_", "expired_"))]
+    assert len(names) >= 12
+    for first in names:
+        for second in names:  # each event, also right after each other one
+            t = PeerTimers(timers, rng=lambda: 0.0, persistent_keepalive=persistent)
+            t.need_another_keepalive = True
+            getattr(t, first)(100.0)
+            before = {timer: t.deadline(timer) for timer in Timer}
+            getattr(t, second)(200.0)
+            for timer in Timer:
+                deadline = t.deadline(timer)
+                if deadline is not None and deadline != before[timer]:
+                    assert deadline >= 200.0 + t.shortest_interval(), (first, second, timer)
+    t = PeerTimers(timers, persistent_keepalive=persistent)
+    assert t.shortest_interval() == min(timers.rekey_timeout, timers.keepalive_timeout,
+                                        persistent or float("inf"))
