@@ -57,6 +57,7 @@ from tests.kit.links import (
     ping_rtt_ms,
     proc_cpu_seconds,
     proc_memory_mib,
+    proc_wakeups,
     set_link_features,
     udp_loss_counters,
     veth_hosts,
@@ -70,7 +71,8 @@ UDP_OFFERED = "1G"
 UDP_LENGTH = 1200
 METRICS = ("tcp1_mbps", "tcp4_mbps", "udp_rx_mbps", "udp_loss_percent", "rtt_ms",
            "rtt_avg_ms", "cpu_s_per_gb", "tcp1_retransmits", "underlay_bytes_per_packet",
-           "rss_idle_mib", "rss_peak_mib")
+           "rss_idle_mib", "rss_peak_mib", "idle_wakeups_per_s")
+IDLE_SECONDS = 3.0  # clean scenario: how long the idle wake-ups of a setup are counted
 
 
 @dataclass
@@ -276,6 +278,10 @@ def measure(setup: Setup, scenario: str, seconds: int, root: Path) -> dict[str, 
                 pids = run.pids()
                 if pids:  # both ends' VPN processes, up and idle (raw veth: none)
                     m["rss_idle_mib"] = proc_memory_mib(pids)[0]
+                    if scenario == "clean":
+                        woke = proc_wakeups(pids)
+                        time.sleep(IDLE_SECONDS)
+                        m["idle_wakeups_per_s"] = (proc_wakeups(pids) - woke) / IDLE_SECONDS
                 test = _Iperf(run, record)
                 try:
                     for attempt in (1, 2):  # like _Iperf, but the counters go with the try
@@ -448,8 +454,9 @@ def markdown(report: dict[str, Any]) -> list[str]:
         lines += ["", f"### {sc}: {SCENARIOS[sc].description}", "",
                   "| setup | TCP 1 Mbit/s | TCP 4 Mbit/s | UDP 1G offered: rx Mbit/s (loss) "
                   "| idle RTT ms (median of 30) | CPU s/GB | TCP 1 vs wireguard-go "
-                  "| TCP 1 vs best other | underlay B/pkt | RSS MiB idle / peak |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| TCP 1 vs best other | underlay B/pkt | RSS MiB idle / peak "
+                  "| idle wake-ups/s |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for su in cfg["setups"]:
             r = report["results"][sc][su]
             q = report["ratios"][sc][su]
@@ -465,7 +472,8 @@ def markdown(report: dict[str, Any]) -> list[str]:
                 f"{'–' if vs_wg is None else f'{vs_wg:.2f}×'} | "
                 f"{'–' if vs_best is None else f'{vs_best:.2f}×'} | "
                 f"{_fmt(r['underlay_bytes_per_packet'])} | "
-                f"{_fmt(r['rss_idle_mib'], 1)} / {_fmt(r['rss_peak_mib'], 1)} |")
+                f"{_fmt(r['rss_idle_mib'], 1)} / {_fmt(r['rss_peak_mib'], 1)} | "
+                f"{_fmt(r['idle_wakeups_per_s'], 1)} |")
     lines += ["", "### Targets (issue 7, acceptance 2)", "", "| target | this run | met |",
               "| --- | --- | --- |"]
     for t in report["targets"]:
@@ -488,7 +496,9 @@ def markdown(report: dict[str, Any]) -> list[str]:
               "Underlay B/pkt: bytes per packet the sender's veth transmitted during that run "
               "(> 1514: GSO super-packets crossed whole; ≤ 1514: segmented). RSS: resident "
               "memory of the VPN processes of both ends together, once up and idle, and their "
-              "peak (VmHWM) after all the runs of that setup."]
+              "peak (VmHWM) after all the runs of that setup. Idle wake-ups/s: voluntary "
+              f"context switches of all their threads over {IDLE_SECONDS:.0f} s with no "
+              "traffic, once up (clean scenario only; timers, keepalives, runtimes)."]
     return lines
 
 

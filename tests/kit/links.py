@@ -401,6 +401,20 @@ def proc_memory_mib(pids: list[int]) -> tuple[float, float]:
     return now / 1024, peak / 1024
 
 
+def proc_wakeups(pids: list[int]) -> int:
+    """Voluntary context switches of every thread of ``pids`` so far (each is a sleep that
+    ended: a wake-up)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    for line in (task / "status").read_text().splitlines():
+                        if line.startswith("voluntary_ctxt_switches:"):
+                            total += int(line.split()[1])
+    return total
+
+
 def proc_cpu_seconds(pids: list[int]) -> float:
     """user + system CPU seconds of ``pids`` (all their threads) so far, from /proc."""
     tick = os.sysconf("SC_CLK_TCK")
