@@ -18,7 +18,7 @@ from bench.common import emit
 from tests.kit.agents import AgentProc, befriend, wait_for
 from tests.kit.ca import ThrowawayCA
 from tests.kit.internet import Internet
-from tests.kit.links import proc_memory_mib
+from tests.kit.links import proc_memory_mib, proc_wakeups
 from tests.kit.netns import NetLab
 
 
@@ -69,8 +69,12 @@ def join_times(rounds: int) -> tuple[list[float], list[float]]:
     return direct, turn
 
 
-def mesh_time(devices: int) -> tuple[float, list[float]]:
-    """Seconds from the accepts to a full mesh; each agent's resident memory (MiB) then."""
+IDLE_SECONDS = 5.0  # how long the mesh's idle wake-ups are counted
+
+
+def mesh_time(devices: int) -> tuple[float, list[float], list[float]]:
+    """Seconds from the accepts to a full mesh; each agent's resident memory (MiB) then, and
+    its wake-ups per second over the next IDLE_SECONDS with no traffic."""
     with tempfile.TemporaryDirectory(prefix="svpn-bench-mesh-") as tmp_dir, NetLab() as lab, \
             Internet(lab, Path(tmp_dir), ThrowawayCA.create(Path(tmp_dir) / "ca")) as net:
         agents = [net.agent(f"m{i}", net.site(f"m{i}")) for i in range(devices)]
@@ -92,8 +96,13 @@ def mesh_time(devices: int) -> tuple[float, list[float]]:
 
         wait_for(full, 180, "a full mesh", interval=0.5)
         took = time.monotonic() - start
-        rss = [proc_memory_mib([a.proc.pid])[0] for a in agents if a.proc is not None]
-        return took, rss
+        pids = [a.proc.pid for a in agents if a.proc is not None]
+        rss = [proc_memory_mib([pid])[0] for pid in pids]
+        before = [proc_wakeups([pid]) for pid in pids]
+        time.sleep(IDLE_SECONDS)
+        woke = [(proc_wakeups([pid]) - b) / IDLE_SECONDS for pid, b in zip(pids, before,
+                                                                           strict=True)]
+        return took, rss, woke
 
 
 def main() -> None:
@@ -114,13 +123,16 @@ def main() -> None:
         f"{min(turn):.2f} s | {max(turn):.2f} s |",
     ]
     if args.mesh:
-        t, rss = mesh_time(args.mesh)
+        t, rss, woke = mesh_time(args.mesh)
         lines += ["", f"{args.mesh}-device group: all accepts → full mesh "
                       f"({args.mesh * (args.mesh - 1) // 2} links up): {t:.1f} s"]
         if rss:
             lines += ["", f"Resident memory of one whole agent (XMPP, ICE, dashboard, link "
                           f"device) with {args.mesh - 1} peers up: median "
-                          f"{statistics.median(rss):.1f} MiB, max {max(rss):.1f} MiB"]
+                          f"{statistics.median(rss):.1f} MiB, max {max(rss):.1f} MiB; idle "
+                          f"wake-ups (all its threads, {IDLE_SECONDS:.0f} s without traffic, "
+                          f"consent checks and XMPP included): median "
+                          f"{statistics.median(woke):.1f}/s, max {max(woke):.1f}/s"]
     emit(lines, args.out)
 
 
