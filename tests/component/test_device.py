@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import struct
 import threading
@@ -20,6 +19,7 @@ from socialvpn.link.timers import Timer
 from socialvpn.link.transport import UdpTransport
 from socialvpn.net.fake import FakeTun
 from socialvpn.net.packet_router import PacketRouter
+from tests.kit.links import status_number
 
 pytestmark = pytest.mark.component
 
@@ -79,14 +79,9 @@ def test_handshake_and_data_both_ways(pair):
 
 def _timer_thread_switches() -> int:
     """Voluntary context switches (sleeps and wake-ups) of every link-timers thread so far."""
-    total = 0
-    for t in threading.enumerate():
-        if t.name == "link-timers" and t.native_id is not None:
-            with contextlib.suppress(OSError):
-                for line in Path(f"/proc/self/task/{t.native_id}/status").read_text().split("\n"):
-                    if line.startswith("voluntary_ctxt_switches:"):
-                        total += int(line.split()[1])
-    return total
+    return sum(status_number(Path(f"/proc/self/task/{t.native_id}/status"),
+                             "voluntary_ctxt_switches")
+               for t in threading.enumerate() if t.name == "link-timers")
 
 
 def test_idle_devices_timer_threads_sleep_until_needed():

@@ -387,18 +387,22 @@ def udp_loss_counters(ns: Netns) -> dict[str, int]:
     return {name: ns.nft_counter(name, table=LOSS_TABLE) for name in ("udp_seen", "udp_dropped")}
 
 
+def status_number(path: Path, field: str) -> int:
+    """The leading number of ``field`` in a /proc ``status`` file (0 if it or the file is
+    gone: the process or thread ended)."""
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name == field:
+                return int(value.split()[0])
+    return 0
+
+
 def proc_memory_mib(pids: list[int]) -> tuple[float, float]:
     """Resident memory of ``pids`` now and at its peak (VmRSS, VmHWM summed), in MiB."""
-    now = peak = 0
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                name, _, value = line.partition(":")
-                if name == "VmRSS":
-                    now += int(value.split()[0])
-                elif name == "VmHWM":
-                    peak += int(value.split()[0])
-    return now / 1024, peak / 1024
+    status = [Path(f"/proc/{pid}/status") for pid in pids]
+    return (sum(status_number(p, "VmRSS") for p in status) / 1024,
+            sum(status_number(p, "VmHWM") for p in status) / 1024)
 
 
 def proc_wakeups(pids: list[int]) -> int:
@@ -408,10 +412,7 @@ def proc_wakeups(pids: list[int]) -> int:
     for pid in pids:
         with contextlib.suppress(OSError):
             for task in Path(f"/proc/{pid}/task").iterdir():
-                with contextlib.suppress(OSError):
-                    for line in (task / "status").read_text().splitlines():
-                        if line.startswith("voluntary_ctxt_switches:"):
-                            total += int(line.split()[1])
+                total += status_number(task / "status", "voluntary_ctxt_switches")
     return total
 
 
