@@ -13,8 +13,8 @@ and the transfers still cross.
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import pytest
 
 from tests.kit.agents import AgentProc, befriend, join_group, peer_row, wait_for
 from tests.kit.internet import Internet
+from tests.kit.links import tcp_pull, tcp_transfer
 from tests.kit.netns import NetLab, Site
 from tests.kit.ports import free_port
 
@@ -29,49 +30,6 @@ pytestmark = pytest.mark.integration
 
 IPS = {"alice": "10.77.0.1", "bob": "10.77.0.2"}
 SIZE = 1 << 20  # bytes per transfer
-
-SERVER = """
-import hashlib, socket, sys
-host, port, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-family = socket.AF_INET6 if ":" in host else socket.AF_INET
-srv = socket.create_server((host, port), family=family)
-srv.settimeout(60)
-print("listening", flush=True)
-conn, _ = srv.accept()
-conn.settimeout(60)
-buf = bytearray()
-while len(buf) < size:
-    chunk = conn.recv(65536)
-    if not chunk:
-        break
-    buf += chunk
-conn.sendall(bytes(buf))  # echo: the way back crosses the link the other way
-conn.shutdown(socket.SHUT_WR)
-print(hashlib.sha256(buf).hexdigest(), len(buf), flush=True)
-"""
-
-CLIENT = """
-import hashlib, random, socket, sys, time
-host, port, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-data = random.Random(port).randbytes(size)
-for _ in range(100):  # the server may still be starting: bounded retries
-    try:
-        sock = socket.create_connection((host, port), timeout=60)
-        break
-    except OSError:
-        time.sleep(0.1)
-else:
-    sys.exit("no connection")
-sock.sendall(data)
-got = bytearray()
-while len(got) < size:
-    chunk = sock.recv(65536)
-    if not chunk:
-        break
-    got += chunk
-print(hashlib.sha256(data).hexdigest(), hashlib.sha256(got).hexdigest(), len(got), flush=True)
-"""
-
 
 def _diag(*agents: AgentProc) -> Any:
     return lambda: "\n".join(f"--- {a.user} ---\n{a.log_tail(30)}" for a in agents)
@@ -88,24 +46,15 @@ def _csum_errors(site: Site) -> dict[str, int]:
     return out
 
 
-def _echo(server_site: Site, client_site: Site, host: str) -> None:
-    """1 MB from the client to ``host`` in the server's namespace and back, hashes compared."""
-    port = free_port("tcp", host, netns=server_site.host)
-    server = server_site.host.popen([sys.executable, "-c", SERVER, host, str(port), str(SIZE)],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        client = client_site.host.run([sys.executable, "-c", CLIENT, host, str(port), str(SIZE)],
-                                      check=False, timeout=90)
-        out, err = server.communicate(timeout=30)
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait(timeout=10)
-    assert client.returncode == 0, f"client: {client.stdout} {client.stderr}; server: {err}"
-    sent, echoed, length = client.stdout.split()
-    received = out.split()[-2:]
-    assert received == [sent, str(SIZE)], f"server got {received}, client sent {sent}: {err}"
-    assert (echoed, int(length)) == (sent, SIZE), "the echo came back changed"
+def _both_ways(server_site: Site, client_site: Site, host: str) -> None:
+    """1 MB from the client to ``host`` in the server's namespace and 1 MB back (a download on
+    a connection the client opened), each compared by hash."""
+    fam = 6 if ":" in host else 4
+    for move in (tcp_transfer, tcp_pull):
+        port = free_port("tcp", host, netns=server_site.host)
+        data = os.urandom(SIZE)
+        assert move(client_site.host, server_site.host, host, fam, data, port) == (
+            hashlib.sha256(data).hexdigest(), SIZE), move.__name__
 
 
 def test_two_agents_negotiate_partial_checksums_and_carry_tcp(
@@ -138,8 +87,8 @@ def test_two_agents_negotiate_partial_checksums_and_carry_tcp(
         ping = alice_site.host.run(["ping", "-n", "-c", "3", "-W", "2", IPS["bob"]],
                                    check=False, timeout=30)
         assert ping.returncode == 0, ping.stdout + ping.stderr
-        _echo(bob_site, alice_site, IPS["bob"])  # alice -> bob -> alice over IPv4
-        _echo(alice_site, bob_site, rows["bob"]["ip6"])  # bob -> alice -> bob over IPv6
+        _both_ways(bob_site, alice_site, IPS["bob"])  # alice -> bob -> alice over IPv4
+        _both_ways(alice_site, bob_site, rows["bob"]["ip6"])  # bob -> alice -> bob over IPv6
         after = {"alice": _csum_errors(alice_site), "bob": _csum_errors(bob_site)}
         assert after == before, f"checksum errors counted: {before} -> {after}"
         # still partial on both ends after the traffic (nothing renegotiated it away)
@@ -156,7 +105,7 @@ def test_two_agents_negotiate_partial_checksums_and_carry_tcp(
             wait_for(lambda a=a, b=b: (row := peer_row(a, b)) and row.get("state") == "up"
                      and row.get("checksums") == "partial", 45,
                      f"{a.user} -> {b} partial again after bob's restart", _diag(alice, bob))
-        _echo(bob_site, alice_site, IPS["bob"])
-        _echo(alice_site, bob_site, rows["bob"]["ip6"])
+        _both_ways(bob_site, alice_site, IPS["bob"])
+        _both_ways(alice_site, bob_site, rows["bob"]["ip6"])
         print(f"checksum errors over bob's restart: {after} -> "
               f"{ {'alice': _csum_errors(alice_site), 'bob': _csum_errors(bob_site)} }")

@@ -27,7 +27,6 @@ import hashlib
 import os
 import socket
 import struct
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,6 +41,8 @@ from tests.kit.links import (
     WgGoLink,
     ping,
     set_link_features,
+    tcp_pull,
+    tcp_transfer,
     veth_hosts,
 )
 from tests.kit.netns import NetLab, Netns
@@ -133,86 +134,6 @@ def wait_ping(ns: Netns, target: str, seconds: float = 15.0) -> None:
     deadline = time.monotonic() + seconds
     while ping(ns, target, count=1, timeout=1.0).returncode != 0:
         assert time.monotonic() < deadline, f"{ns.name} cannot reach {target}"
-
-
-def tcp_transfer(src: Netns, dst: Netns, dst_ip: str, fam: int, data: bytes,
-                 port: int = 5001) -> tuple[str, int]:
-    """Send ``data`` over one TCP connection; returns the receiver's (sha256, byte count)."""
-    listener = dst.socket(FAMILY[fam], socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((dst_ip, port))
-    listener.listen(1)
-    listener.settimeout(15)
-    got: dict[str, object] = {}
-
-    def receive() -> None:
-        digest = hashlib.sha256()
-        total = 0
-        try:
-            conn, _ = listener.accept()
-            conn.settimeout(15)
-            with conn:
-                while chunk := conn.recv(1 << 16):
-                    digest.update(chunk)
-                    total += len(chunk)
-        except OSError as exc:
-            got["error"] = exc
-        got["hash"], got["bytes"] = digest.hexdigest(), total
-
-    thread = threading.Thread(target=receive, daemon=True)
-    thread.start()
-    client = src.socket(FAMILY[fam], socket.SOCK_STREAM)
-    try:
-        client.settimeout(15)
-        client.connect((dst_ip, port))
-        client.sendall(data)
-        client.shutdown(socket.SHUT_WR)
-        thread.join(30)
-    finally:
-        client.close()
-        listener.close()
-    assert not thread.is_alive(), "TCP receiver did not finish"
-    assert "error" not in got, got
-    return str(got["hash"]), int(got["bytes"])  # type: ignore[call-overload]
-
-
-def tcp_pull(client: Netns, server: Netns, server_ip: str, fam: int, data: bytes,
-             port: int) -> tuple[str, int]:
-    """``client`` connects to ``server``, which sends ``data`` (a download through a NAT that
-    only lets the client open connections); returns the client's (sha256, byte count)."""
-    listener = server.socket(FAMILY[fam], socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((server_ip, port))
-    listener.listen(1)
-    listener.settimeout(15)
-    errors: list[OSError] = []
-
-    def serve() -> None:
-        try:
-            conn, _ = listener.accept()
-            with conn:
-                conn.settimeout(15)
-                conn.sendall(data)
-        except OSError as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    digest = hashlib.sha256()
-    total = 0
-    client_sock = client.socket(FAMILY[fam], socket.SOCK_STREAM)
-    try:
-        client_sock.settimeout(15)
-        client_sock.connect((server_ip, port))
-        while chunk := client_sock.recv(1 << 16):
-            digest.update(chunk)
-            total += len(chunk)
-        thread.join(30)
-    finally:
-        client_sock.close()
-        listener.close()
-    assert not thread.is_alive() and not errors, errors
-    return digest.hexdigest(), total
 
 
 @contextlib.contextmanager

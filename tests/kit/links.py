@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -425,3 +428,88 @@ def proc_cpu_seconds(pids: list[int]) -> float:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
     return total / tick
+
+
+# --- TCP payloads across a link, hashed ---------------------------------------------------
+
+_FAMILY = {4: socket.AF_INET, 6: socket.AF_INET6}
+
+
+def tcp_transfer(src: Netns, dst: Netns, dst_ip: str, fam: int, data: bytes,
+                 port: int = 5001) -> tuple[str, int]:
+    """Send ``data`` over one TCP connection; returns the receiver's (sha256, byte count)."""
+    listener = dst.socket(_FAMILY[fam], socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((dst_ip, port))
+    listener.listen(1)
+    listener.settimeout(15)
+    got: dict[str, object] = {}
+
+    def receive() -> None:
+        digest = hashlib.sha256()
+        total = 0
+        try:
+            conn, _ = listener.accept()
+            conn.settimeout(15)
+            with conn:
+                while chunk := conn.recv(1 << 16):
+                    digest.update(chunk)
+                    total += len(chunk)
+        except OSError as exc:
+            got["error"] = exc
+        got["hash"], got["bytes"] = digest.hexdigest(), total
+
+    thread = threading.Thread(target=receive, daemon=True)
+    thread.start()
+    client = src.socket(_FAMILY[fam], socket.SOCK_STREAM)
+    try:
+        client.settimeout(15)
+        client.connect((dst_ip, port))
+        client.sendall(data)
+        client.shutdown(socket.SHUT_WR)
+        thread.join(30)
+    finally:
+        client.close()
+        listener.close()
+    assert not thread.is_alive(), "TCP receiver did not finish"
+    assert "error" not in got, got
+    return str(got["hash"]), int(got["bytes"])  # type: ignore[call-overload]
+
+
+def tcp_pull(client: Netns, server: Netns, server_ip: str, fam: int, data: bytes,
+             port: int) -> tuple[str, int]:
+    """``client`` connects to ``server``, which sends ``data`` (a download through a NAT that
+    only lets the client open connections); returns the client's (sha256, byte count)."""
+    listener = server.socket(_FAMILY[fam], socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((server_ip, port))
+    listener.listen(1)
+    listener.settimeout(15)
+    errors: list[OSError] = []
+
+    def serve() -> None:
+        try:
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(15)
+                conn.sendall(data)
+        except OSError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    digest = hashlib.sha256()
+    total = 0
+    client_sock = client.socket(_FAMILY[fam], socket.SOCK_STREAM)
+    try:
+        client_sock.settimeout(15)
+        client_sock.connect((server_ip, port))
+        while chunk := client_sock.recv(1 << 16):
+            digest.update(chunk)
+            total += len(chunk)
+        thread.join(30)
+    finally:
+        client_sock.close()
+        listener.close()
+    assert not thread.is_alive() and not errors, errors
+    return digest.hexdigest(), total
